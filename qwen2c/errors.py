@@ -1,0 +1,38 @@
+"""User-facing errors. Each carries a one-paragraph message naming what is at fault and what to do.
+
+The CLI prints the message (no traceback) and exits non-zero; library users catch ``Qwen2cError``.
+"""
+
+
+class Qwen2cError(Exception):
+    """Base of every error a user can meet."""
+
+    exit_code = 2
+
+
+class ConfigError(Qwen2cError, ValueError):
+    """A model config or checkpoint that qwen2c cannot build: names the field or file at fault."""
+
+
+class MemoryBudgetError(Qwen2cError):
+    """The model would not fit in this machine's memory; raised before allocating."""
+
+
+class PassCheckError(Qwen2cError):
+    """A graph pass changed the model's numerics."""
+
+    exit_code = 3
+
+
+class ParityError(Qwen2cError):
+    """An engine's logits disagree with the reference model beyond tolerance."""
+
+    exit_code = 3
+
+
+class EngineError(Qwen2cError):
+    """An engine directory that is missing, corrupt, or built for something else."""
+
+
+class BackendUnavailableError(Qwen2cError):
+    """A backend (TensorRT, a GPU runtime, ...) that is not installed or has no device here."""

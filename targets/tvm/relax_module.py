@@ -1,0 +1,80 @@
+"""Assemble the engine's Relax module from the rewritten program.
+
+The module holds three functions:
+- ``create_kv_cache(max_batch, max_total_seq_len, prefill_chunk, page_size, sliding)``: a paged KV
+  cache with TVM's TIR attention kernels for the target, RoPE applied inside (theta from the config);
+- ``prefill(input_ids[1, n], kv_cache, *params) -> logits[1, 1, vocab]``;
+- ``decode(input_ids[1, 1], kv_cache, *params) -> logits[1, 1, vocab]``: the same graph with n
+  bound to 1, so its matmuls are scheduled as matrix-vector products.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.torch import from_exported_program
+
+from qwen2c.model_config import head_dim, rope_theta
+
+from .lower_ops import convert_map
+
+KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
+
+
+def build_relax_module(program, config, dtype: str, target: tvm.target.Target) -> tvm.IRModule:
+    kv_cache = relax.Var("kv_cache", relax.ObjectType())
+    mod = from_exported_program(
+        program,
+        keep_params_as_input=True,
+        unwrap_unit_return_tuple=True,
+        run_ep_decomposition=False,
+        custom_convert_map=convert_map(kv_cache),
+    )
+    main = mod["main"]
+    input_ids, *weights = main.params
+    seq = input_ids.ty.shape[1]
+    prefill = relax.Function([input_ids, kv_cache, *weights], main.body, main.ret_ty, is_pure=main.is_pure)
+    prefill = prefill.with_attrs({k: v for k, v in main.attrs.items() if k != "params"})
+    prefill = prefill.with_attr("num_input", 2)
+    out = tvm.IRModule({"prefill": prefill.with_attr("global_symbol", "prefill")})
+    decode = prefill.with_attr("global_symbol", "decode")
+    if isinstance(seq, tirx.Var):
+        decode = relax.transform.BindSymbolicVars({seq: 1})(tvm.IRModule({"decode": decode}))["decode"]
+    out["decode"] = decode
+    return _add_kv_cache_creation(out, config, dtype, target)
+
+
+def _add_kv_cache_creation(mod: tvm.IRModule, config, dtype: str, target: tvm.target.Target) -> tvm.IRModule:
+    bb = relax.BlockBuilder(mod)
+    sizes = {name: tirx.Var(name, "int64") for name in KV_CACHE_ARGS}
+    params = [relax.Var(f"{name}_", relax.ShapeType([v])) for name, v in sizes.items()]
+    dim = head_dim(config)
+    with bb.function("create_kv_cache", params):
+        cache = TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=sizes["max_batch_size"],
+            max_total_seq_len=sizes["max_total_seq_len"],
+            prefill_chunk_size=sizes["prefill_chunk_size"],
+            page_size=sizes["page_size"],
+            support_sliding_window=sizes["support_sliding_window"],
+            layer_partition=relax.ShapeExpr([0, config.num_hidden_layers]),
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            qk_head_dim=dim,
+            v_head_dim=dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=rope_theta(config),
+            rope_scaling={},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=dim,
+            enable_disaggregation=False,
+            dtype=dtype,
+            target=target,
+        )
+        bb.emit_func_output(bb.emit(cache._expr))
+    return bb.finalize()
