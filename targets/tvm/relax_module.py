@@ -14,6 +14,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 from tvm.relax.frontend.torch import from_exported_program
+from tvm.relax.utils import copy_with_new_vars
 
 from qwen2c.model_config import head_dim, rope_theta
 
@@ -38,8 +39,9 @@ def build_relax_module(program, config, dtype: str, target: tvm.target.Target) -
     prefill = prefill.with_attrs({k: v for k, v in main.attrs.items() if k != "params"})
     prefill = prefill.with_attr("num_input", 2)
     out = tvm.IRModule({"prefill": prefill.with_attr("global_symbol", "prefill")})
-    decode = prefill.with_attr("global_symbol", "decode")
+    decode = copy_with_new_vars(prefill).with_attr("global_symbol", "decode")
     if isinstance(seq, tirx.Var):
+        seq = decode.params[0].ty.shape[1]  # the copy has its own symbolic variables
         decode = relax.transform.BindSymbolicVars({seq: 1})(tvm.IRModule({"decode": decode}))["decode"]
     out["decode"] = decode
     return _add_kv_cache_creation(out, config, dtype, target)

@@ -1,0 +1,142 @@
+"""``qwen2c build``: checkpoint or preset -> export -> passes -> TVM -> engine dir -> parity.
+
+Read top to bottom; each step logs its progress. Nothing is written at the destination until the
+engine is complete and has passed parity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, engine_dir
+from .checkpoint import load_reference, resolve_model
+from .errors import ConfigError, ParityError
+from .memory import DTYPE_BYTES
+from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
+from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def build(
+    model: str,
+    target: str,
+    out: str | Path,
+    dtype: str = "float32",
+    max_context: int | None = None,
+    force: bool = False,
+    parity_steps: int = DEFAULT_DECODE_STEPS,
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Build an engine directory at ``out``; return its manifest."""
+    import transformers
+    import tvm
+
+    from qwen2c.graphs.export import export_model, param_names
+    from qwen2c.graphs.pipeline import run_passes
+    from qwen2c.targets.registry import TARGETS, runs_on_this_host
+    from qwen2c.targets.tvm.compile import compile_module
+    from qwen2c.targets.tvm.relax_module import build_relax_module
+
+    out = Path(out)
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_BYTES)}.")
+    spec = TARGETS.resolve(target)
+    engine_dir.check_destination(out, force)
+    source = resolve_model(model)
+    limit = source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)
+    max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
+    if not 2 <= max_context <= limit:
+        raise ConfigError(f"--max-context {max_context} must be between 2 and the model's max_position_embeddings ({limit}).")
+
+    clock = _Clock(progress)
+    clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
+    config, reference = load_reference(source, dtype)
+    clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
+    program = export_model(reference, max_context)
+    clock.step("running graph passes (each checked against its input in PyTorch)")
+    reports = run_passes(program, config, dtype)
+    for r in reports:
+        progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
+    clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
+    executable = compile_module(build_relax_module(program, config, dtype, spec.tvm_target()), spec)
+
+    staging = engine_dir.make_staging(out)
+    try:
+        clock.step("writing the engine")
+        executable.export_library(str(staging / engine_dir.LIBRARY))
+        params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
+        cfg = dict(source.config)
+        (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
+        manifest: dict[str, Any] = {
+            "model": {"source": source.name, "preset": source.is_preset, "config": cfg,
+                      "parameters": source.param_count()},
+            "target": spec.to_json(),
+            "backend": spec.backend,
+            "dtype": dtype,
+            "max_context": max_context,
+            "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "passes": [r.to_json() for r in reports],
+            "params": params,
+            "tokenizer": tokenizer,
+            "parity": None,
+        }
+        engine_dir.write_manifest(staging, manifest)
+        if runs_on_this_host(spec):
+            from .runtime import Engine
+
+            clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
+            report = check_parity(Engine(staging), reference, dtype, decode_steps=parity_steps)
+            progress(format_report(report))
+            if not report["passed"]:
+                raise ParityError(
+                    f"the engine's logits disagree with transformers beyond the {dtype} tolerance "
+                    f"(worst: max abs err {report['max_abs_err']:.3g}); no engine was written.\n" + format_report(report)
+                )
+            manifest["parity"] = report
+        else:
+            progress(f"    parity skipped: {spec.name} engines do not run on this machine; run `qwen2c verify` where they do")
+        engine_dir.write_manifest(staging, manifest)
+        engine_dir.publish(staging, out, force)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    clock.step(f"engine written to {out}")
+    return manifest
+
+
+def _save_weights(program, names: list[tuple[str, str]], path: Path) -> list[dict[str, str]]:
+    """Write the program's parameters once each (tied weights share a key); return the call order."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    key_of: dict[int, str] = {}
+    order = []
+    for placeholder, name in names:
+        tensor = program.state_dict[f"model.{name}"]
+        key = key_of.setdefault(tensor.data_ptr(), name)
+        if key == name:
+            tensors[name] = tensor.detach().contiguous()
+        order.append({"name": name, "key": key})
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return order
+
+
+class _Clock:
+    def __init__(self, progress):
+        self.progress, self.start, self.n = progress, time.monotonic(), 0
+
+    def step(self, what: str) -> None:
+        self.n += 1
+        self.progress(f"[{time.monotonic() - self.start:6.1f}s] {what}")

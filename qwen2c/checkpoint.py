@@ -1,0 +1,124 @@
+"""Models in: a checkpoint directory (config.json + *.safetensors) or a preset name.
+
+Everything about the input is checked before weights are allocated: the config's fields, the
+weight format (safetensors only: pickle files can run code when loaded), and whether the model
+fits in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import presets
+from .errors import ConfigError
+from .memory import check_fits
+from .model_config import validate_config_dict
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """Where a model comes from: ``name`` is the preset or the checkpoint path."""
+
+    name: str
+    config: dict[str, Any]
+    checkpoint: Path | None  # None for presets
+    tokenizer_files: list[Path]
+
+    @property
+    def is_preset(self) -> bool:
+        return self.checkpoint is None
+
+    def param_count(self) -> int:
+        from .model_config import param_count
+
+        return param_count(hf_config(self.config))
+
+
+def resolve_model(model: str) -> ModelSource:
+    path = Path(model)
+    if path.is_dir():
+        return _checkpoint_source(path)
+    if path.exists():
+        raise ConfigError(f"--model {model}: is a file; a checkpoint is a directory with config.json and *.safetensors.")
+    if model in presets.PRESETS:
+        cfg = presets.preset_config(model)
+        validate_config_dict(cfg, f"preset {model}")
+        return ModelSource(model, cfg, None, [])
+    if "/" in model or model.startswith("."):
+        raise ConfigError(f"--model {model}: no such directory.")
+    presets.preset_config(model)  # raises, listing the presets
+    raise AssertionError("unreachable")
+
+
+def _checkpoint_source(path: Path) -> ModelSource:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{path}: no config.json; a checkpoint directory is what save_pretrained writes.")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{config_file}: not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{config_file}: expected a JSON object, found {type(cfg).__name__}.")
+    validate_config_dict(cfg, str(config_file))
+    if not list(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise ConfigError(
+                f"{path}: weights are only in pickle files ({', '.join(pickles)}). qwen2c loads safetensors "
+                "only, since unpickling can run arbitrary code. Convert once with "
+                "model.save_pretrained(dir, safe_serialization=True)."
+            )
+        raise ConfigError(f"{path}: no *.safetensors weight files.")
+    tokenizer = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    return ModelSource(str(path), cfg, path, tokenizer)
+
+
+def hf_config(cfg: dict[str, Any]):
+    from transformers import Qwen2Config
+
+    fields = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
+    return Qwen2Config(**fields)
+
+
+def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
+    """The transformers model (eval mode, ``dtype``): the reference every engine is checked against.
+
+    ``copies``: how many copies of the weights the caller will hold at once (a build holds the
+    reference and then a loaded engine); checked against free memory before allocating.
+    """
+    from transformers import Qwen2ForCausalLM
+
+    config = hf_config(source.config)
+    check_fits(f"model {source.name}", source.param_count(), dtype, copies)
+    torch_dtype = TORCH_DTYPES[dtype]
+    if source.is_preset:
+        torch.manual_seed(presets.SEED)
+        model = Qwen2ForCausalLM(config).to(torch_dtype)
+        return config, model.eval()
+    try:
+        model, info = Qwen2ForCausalLM.from_pretrained(
+            source.checkpoint, dtype=torch_dtype, local_files_only=True, output_loading_info=True
+        )
+    except Exception as e:  # transformers/safetensors raise many types for a bad file
+        raise ConfigError(f"{source.checkpoint}: could not load the weights: {e}") from None
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
+        raise ConfigError(f"{source.checkpoint}: the weights do not match config.json ({detail}).")
+    return model.config, model.eval()

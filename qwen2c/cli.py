@@ -1,0 +1,111 @@
+"""The ``qwen2c`` command line: build, run, verify."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import Qwen2cError
+
+log = logging.getLogger("qwen2c")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen2c", description="Compile Qwen2 models into verified engines.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build an engine directory from a checkpoint or preset",
+                       description="Export, rewrite, compile and check a Qwen2 model; write an engine directory.")
+    b.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json + *.safetensors) or preset: qwen2-tiny, qwen2-0.5b, "
+                        "qwen2-1.5b, qwen2-7b, qwen2-72b")
+    b.add_argument("--target", default="llvm", help="compile target (default: llvm, this machine's CPU)")
+    b.add_argument("-o", "--output", required=True, help="engine directory to create")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weight and activation dtype (default float32)")
+    b.add_argument("--max-context", type=int, default=None, help="longest sequence the engine serves (default 4096)")
+    b.add_argument("--parity-steps", type=int, default=8, help="decode steps compared with transformers (default 8)")
+    b.add_argument("--force", action="store_true", help="replace an existing engine (only once the new one is complete)")
+
+    r = sub.add_parser("run", help="generate tokens with an engine", description="Greedy generation with an engine.")
+    r.add_argument("engine", help="engine directory")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--prompt", help="prompt text (the engine must carry a tokenizer)")
+    r.add_argument("--max-new-tokens", type=int, default=16)
+
+    v = sub.add_parser("verify", help="check an engine against the transformers reference",
+                       description="Re-run the parity check of an engine against transformers on its own weights.")
+    v.add_argument("engine", help="engine directory")
+    v.add_argument("--decode-steps", type=int, default=8)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"build": _build, "run": _run, "verify": _verify}[args.command](args)
+    except Qwen2cError as e:
+        print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:  # invalid user input caught by the runtime (token ids, lengths)
+        print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qwen2c {args.command}: interrupted; nothing was left half-written.", file=sys.stderr)
+        return 130
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _build(args) -> int:
+    from .builder import build
+
+    manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
+                     force=args.force, parity_steps=args.parity_steps, progress=_progress)
+    parity = manifest["parity"]
+    status = "parity PASS" if parity else "parity not checked on this machine"
+    print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
+    return 0
+
+
+def _run(args) -> int:
+    import time
+
+    from .runtime import load
+
+    engine = load(args.engine)
+    if args.prompt is not None:
+        ids = engine.tokenizer.encode(args.prompt)
+    else:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise Qwen2cError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+    start = time.perf_counter()
+    new = engine.generate(ids, max_new_tokens=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    print(",".join(map(str, new)))
+    if args.prompt is not None:
+        print(engine.tokenizer.decode(new))
+    _progress(f"{len(ids)} prompt + {len(new)} new tokens in {elapsed:.2f}s")
+    return 0
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.engine, decode_steps=args.decode_steps)
+    from .parity import format_report
+
+    print(format_report(report))
+    return 0 if report["passed"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
