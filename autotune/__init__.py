@@ -1,0 +1,1 @@
+"""Tuning (MetaSchedule sweeps and the tuning database). Empty until the tuning issue lands."""

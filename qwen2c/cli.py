@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="Re-run the parity check of an engine against transformers on its own weights.")
     v.add_argument("engine", help="engine directory")
     v.add_argument("--decode-steps", type=int, default=8)
+    be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
+                        description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
+    be.add_argument("engine", help="engine directory")
+    be.add_argument("--prompt-tokens", type=int, default=128)
+    be.add_argument("--decode-tokens", type=int, default=32)
+    be.add_argument("--repeats", type=int, default=3)
     return p
 
 
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"build": _build, "run": _run, "verify": _verify}[args.command](args)
+        return {"build": _build, "run": _run, "verify": _verify, "bench": _bench}[args.command](args)
     except Qwen2cError as e:
         print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -105,6 +111,13 @@ def _verify(args) -> int:
 
     print(format_report(report))
     return 0 if report["passed"] else 3
+
+
+def _bench(args) -> int:
+    from .bench import bench, format_bench
+
+    print(format_bench(bench(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ def check_destination(out: Path, force: bool) -> None:
 
 def make_staging(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an engine is an ordinary directory
+    return staging
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def publish(staging: Path, out: Path, force: bool) -> None:
@@ -70,6 +78,9 @@ def file_table(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    for p in directory.iterdir():  # some writers (safetensors) create files private
+        if p.is_file() and p.name != LIBRARY:
+            p.chmod(0o666 & ~_umask())
     manifest = {**manifest, "format_version": FORMAT_VERSION, "files": file_table(directory)}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 

@@ -1,0 +1,1 @@
+"""Kernel schedules and hand-written kernels for the fused ops, per target."""

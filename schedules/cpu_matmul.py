@@ -88,7 +88,7 @@ def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
     transpose = is_op("relax.permute_dims")(w)
     pattern = is_op("relax.matmul")(x, transpose)
     bb = relax.BlockBuilder(mod)
-    kernels: dict[tuple[int, int], tvm.ir.GlobalVar] = {}
+    kernels: dict[tuple[int, int, int], tvm.ir.GlobalVar] = {}
 
     def rewriter(expr, matches):
         x_ty, w_ty = matches[x].ty, matches[w].ty
@@ -96,10 +96,13 @@ def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
         if not _fits(x_ty, w_ty, vector) or (perm is not None and [int(a) for a in perm] != [1, 0]):
             return expr
         k, n = int(w_ty.shape[1]), int(w_ty.shape[0])
-        if (k, n) not in kernels:
-            kernels[(k, n)] = bb.add_func(nt_matmul_kernel(k, n, vector), f"nt_matmul_k{k}_n{n}")
+        # One row (decode): a row tile of 1, so no work is spent on clamped duplicate rows.
+        rows = 1 if isinstance(x_ty.shape[1], tvm.tirx.IntImm) and int(x_ty.shape[1]) == 1 else TILE_ROWS
+        key = (k, n, rows)
+        if key not in kernels:
+            kernels[key] = bb.add_func(nt_matmul_kernel(k, n, vector, rows), f"nt_matmul_k{k}_n{n}_r{rows}")
         out_ty = relax.TensorType([1, x_ty.shape[1], n], "float32")
-        return relax.call_tir(kernels[(k, n)], [matches[x], matches[w]], out_ty)
+        return relax.call_tir(kernels[key], [matches[x], matches[w]], out_ty)
 
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):

@@ -1,0 +1,1 @@
+"""Target descriptions (``registry``) and the backends that lower to them (``tvm``)."""

@@ -1,0 +1,1 @@
+"""The TVM backend: Relax module assembly, op lowering, compile pipeline, runtime."""

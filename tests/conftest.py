@@ -1,0 +1,63 @@
+"""Shared fixtures: small Qwen2 checkpoints written with save_pretrained, and engines built from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def small_config(**overrides) -> dict:
+    cfg = {
+        "model_type": "qwen2",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
+    """A real checkpoint (config.json + model.safetensors), seeded random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = small_config(**overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    # Random biases too: transformers initialises q/k/v biases to zero, which would hide bias bugs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory, tiny_checkpoint) -> Path:
+    import qwen2c
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    qwen2c.build(str(tiny_checkpoint), "llvm", out, max_context=64)
+    return out
+
+
+def read_manifest(engine: Path) -> dict:
+    return json.loads((engine / "manifest.json").read_text())
