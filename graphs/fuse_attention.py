@@ -97,7 +97,7 @@ class FuseAttention(GraphPass):
             return miss("neither a causal mask nor is_causal=True: not causal self-attention")
         if mask is not None:
             # Causal mask plumbing depends on the sequence length only, never on a user tensor.
-            inputs = ancestors(mask, stop=lambda n: is_op(n, aten.sym_size.int))
+            inputs = {mask} | ancestors(mask, stop=lambda n: is_op(n, aten.sym_size.int))
             tainted = [n.name for n in inputs if n.op == "placeholder" and ctx.is_user_input(n)
                        and not any(is_op(u, aten.sym_size.int) for u in n.users if u in inputs)]
             if tainted:

@@ -76,6 +76,7 @@ def _checkpoint_source(path: Path) -> ModelSource:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{config_file}: expected a JSON object, found {type(cfg).__name__}.")
     validate_config_dict(cfg, str(config_file))
+    hf_config(cfg, str(config_file))
     if not list(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
@@ -89,11 +90,14 @@ def _checkpoint_source(path: Path) -> ModelSource:
     return ModelSource(str(path), cfg, path, tokenizer)
 
 
-def hf_config(cfg: dict[str, Any]):
+def hf_config(cfg: dict[str, Any], source: str = "config"):
     from transformers import Qwen2Config
 
     fields = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
-    return Qwen2Config(**fields)
+    try:
+        return Qwen2Config(**fields)
+    except Exception as e:  # transformers validates fields with several exception types
+        raise ConfigError(f"{source}: transformers rejects this config: {e}") from None
 
 
 def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):

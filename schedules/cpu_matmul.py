@@ -19,11 +19,10 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.script import tirx as T
 
-TILE_ROWS = 2
 TILE_COLS = 4
 
 
-def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int = TILE_ROWS, tile_cols: int = TILE_COLS):
+def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int = TILE_COLS):
     """A PrimFunc ``(x[1, m, k], w[n, k]) -> y[1, m, n]`` in float32."""
     K, N, TI, TJ, V = (T.int64(v) for v in (k, n, tile_rows, tile_cols, vector))
     KO = T.int64(k // vector)
@@ -58,6 +57,14 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int = TILE_ROWS, ti
                                 )
 
     return nt_matmul
+
+
+def tile_rows(vector: int) -> int:
+    """Rows per tile for prompts: TI*TJ accumulators must fit the register file (16 ymm / 32 zmm).
+
+    Measured for 128x896x4864 on two cores: AVX-512 4x4 5.1 ms, 2x4 5.8 ms (torch 4.2 ms).
+    """
+    return 4 if vector >= 16 else 2
 
 
 def _fits(x_ty, w_ty, vector: int) -> bool:
@@ -97,7 +104,7 @@ def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
             return expr
         k, n = int(w_ty.shape[1]), int(w_ty.shape[0])
         # One row (decode): a row tile of 1, so no work is spent on clamped duplicate rows.
-        rows = 1 if isinstance(x_ty.shape[1], tvm.tirx.IntImm) and int(x_ty.shape[1]) == 1 else TILE_ROWS
+        rows = 1 if isinstance(x_ty.shape[1], tvm.tirx.IntImm) and int(x_ty.shape[1]) == 1 else tile_rows(vector)
         key = (k, n, rows)
         if key not in kernels:
             kernels[key] = bb.add_func(nt_matmul_kernel(k, n, vector, rows), f"nt_matmul_k{k}_n{n}_r{rows}")

@@ -14,8 +14,9 @@ LANES = TARGET.vector_bits // 32
 
 @pytest.mark.parametrize("k, n", [(64, 128), (LANES * 3, 12), (256, 36)])
 @pytest.mark.parametrize("m", [1, 2, 7])
-def test_kernel_matches_numpy(k, n, m):
-    func = nt_matmul_kernel(k, n, LANES)
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_kernel_matches_numpy(k, n, m, rows):
+    func = nt_matmul_kernel(k, n, LANES, rows)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET.tvm_target())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, m, k), dtype=np.float32)

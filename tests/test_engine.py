@@ -170,6 +170,10 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, tiny_checkpo
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="layer_types"):  # transformers' own check, named
+        qwen2c.build(str(ckpt), "llvm", tmp_path / "out")
+    del cfg["layer_types"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="weights"):
         qwen2c.build(str(ckpt), "llvm", tmp_path / "out")
 
