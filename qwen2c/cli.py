@@ -23,8 +23,8 @@ def _parser() -> argparse.ArgumentParser:
                         "qwen2-1.5b, qwen2-7b, qwen2-72b")
     b.add_argument("--target", default="llvm", help="compile target (default: llvm, this machine's CPU)")
     b.add_argument("-o", "--output", required=True, help="engine directory to create")
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="weight and activation dtype (default float32)")
+    b.add_argument("--dtype", default="float32",
+                   help="weight and activation dtype (float32; float16/bfloat16 are refused until supported)")
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the engine serves (default 4096)")
     b.add_argument("--parity-steps", type=int, default=8, help="decode steps compared with transformers (default 8)")
     b.add_argument("--force", action="store_true", help="replace an existing engine (only once the new one is complete)")

@@ -30,6 +30,6 @@ def check_fits(what: str, params: int, dtype: str, copies: float, overhead: int 
         raise MemoryBudgetError(
             f"{what} has {params / 1e9:.2f}B parameters: {weights / GIB:.1f} GiB of {dtype} weights, "
             f"and this step needs about {need / GIB:.1f} GiB of memory, but only {have / GIB:.1f} GiB "
-            "is available. Nothing was allocated. Use a smaller preset, a smaller --dtype "
-            "(float16/bfloat16 halve the weights), or a machine with more memory."
+            "is available. Nothing was allocated. Use a smaller preset "
+            "or a machine with more memory."
         )

@@ -189,3 +189,9 @@ def test_unknown_preset_and_target_list_the_valid_ones(tmp_path):
         qwen2c.build("qwen2-3b", "llvm", tmp_path / "out")
     with pytest.raises(Qwen2cError, match="llvm-avx2"):
         qwen2c.build("qwen2-tiny", "tpu", tmp_path / "out")
+
+
+def test_half_precision_is_refused_clearly_for_now(tmp_path):
+    with pytest.raises(ConfigError, match="float16"):
+        qwen2c.build("qwen2-tiny", "llvm", tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
