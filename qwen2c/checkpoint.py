@@ -8,7 +8,6 @@ fits in memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from . import presets
-from .errors import ConfigError
+from .errors import ConfigError, read_json_object
 from .memory import check_fits
 from .model_config import validate_config_dict
 
@@ -69,12 +68,7 @@ def _checkpoint_source(path: Path) -> ModelSource:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{path}: no config.json; a checkpoint directory is what save_pretrained writes.")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config_file}: not valid JSON ({e}).") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{config_file}: expected a JSON object, found {type(cfg).__name__}.")
+    cfg = read_json_object(config_file, ConfigError)
     validate_config_dict(cfg, str(config_file))
     hf_config(cfg, str(config_file))
     if not list(path.glob("*.safetensors")):

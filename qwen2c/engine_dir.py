@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError, Qwen2cError
+from .errors import EngineError, Qwen2cError, read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,11 +93,8 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise EngineError(f"{directory}: no {MANIFEST}; not a qwen2c engine (or an incomplete copy of one).")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path}: corrupt manifest ({e}); rebuild the engine.") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    manifest = read_json_object(path, EngineError)
+    version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise EngineError(
             f"{path}: engine format version {version!r}, this qwen2c reads version {FORMAT_VERSION}; rebuild the engine."

@@ -36,3 +36,16 @@ class EngineError(Qwen2cError):
 
 class BackendUnavailableError(Qwen2cError):
     """A backend (TensorRT, a GPU runtime, ...) that is not installed or has no device here."""
+
+
+def read_json_object(path, error: type[Qwen2cError]) -> dict:
+    """A JSON object from ``path``, or ``error`` naming the file and what is wrong with it."""
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found {type(value).__name__}.")
+    return value
