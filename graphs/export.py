@@ -2,10 +2,15 @@
 
 The traced program computes the logits of the last position only (``logits_to_keep=1``): that is
 all generation needs, and it saves the vocabulary projection for every other prompt token.
+
+For MoE models the program also returns its routing: for each sparse layer, in layer order, the
+experts each token was sent to ([tokens, top_k] int64). Parity compares it with the reference's,
+and engines keep it as an output, so routing can be inspected in a deployed engine too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -22,8 +27,39 @@ class _LastLogits(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
+    def forward(self, input_ids: torch.Tensor):
+        with capture_routing(self.model) as routing:
+            logits = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
+        return (logits, *routing) if routing_layers(self.model) else logits
+
+
+def routing_layers(model: torch.nn.Module) -> list[int]:
+    from qwen2c.model_config import moe_layers
+
+    return moe_layers(model.config)
+
+
+@contextlib.contextmanager
+def capture_routing(model: torch.nn.Module):
+    """Collect each sparse layer's chosen experts ([tokens, top_k]) during one forward, in layer order.
+
+    transformers' router returns (router_logits, router_scores, router_indices).
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        if not (isinstance(output, tuple) and len(output) == 3):
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; expected "
+                            "(router_logits, router_scores, router_indices)")
+        captured.append(output[2])
+
+    layers = model.model.layers if hasattr(model, "model") else model.layers
+    handles = [layers[i].mlp.gate.register_forward_hook(hook) for i in routing_layers(model)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def export_model(model: torch.nn.Module, max_context: int) -> torch.export.ExportedProgram:

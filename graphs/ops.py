@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fused_attention", "fused_rms_norm", "rope_cos_sin", "rope_inv_freq"]
+__all__ = ["fused_attention", "fused_moe", "fused_rms_norm", "moe_route", "rope_cos_sin", "rope_inv_freq"]
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -72,3 +72,51 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 @fused_rms_norm.register_fake
 def _(x, weight, eps):
     return torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+
+
+def moe_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-MoE routing: softmax in float32, the top_k experts, optionally renormalised weights."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), experts
+
+
+@torch.library.custom_op("qwen2c::fused_moe", mutates_args=())
+def fused_moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    shared_gate_proj: torch.Tensor,
+    shared_up_proj: torch.Tensor,
+    shared_down_proj: torch.Tensor,
+    shared_expert_gate: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Qwen2-MoE sparse block: routed SwiGLU experts plus a sigmoid-gated shared expert.
+
+    x: [tokens, hidden]; router_weight: [experts, hidden]; gate_up_proj: [experts, 2 * inter, hidden]
+    (gate rows first); down_proj: [experts, hidden, inter]; shared_*: a SwiGLU MLP in nn.Linear
+    layout; shared_expert_gate: [1, hidden]. Returns the block output [tokens, hidden] and the
+    experts each token was routed to, [tokens, top_k] int64, highest weight first.
+    """
+    linear = torch.nn.functional.linear
+    weights, experts = moe_route(linear(x, router_weight), top_k, norm_topk_prob)
+    out = torch.zeros_like(x)
+    # Each expert runs once, on the tokens routed to it (as the compiled engines do).
+    for e in experts.unique().tolist():
+        token, slot = (experts == e).nonzero(as_tuple=True)
+        gate, up = linear(x[token], gate_up_proj[e]).chunk(2, dim=-1)
+        y = linear(torch.nn.functional.silu(gate) * up, down_proj[e]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    shared = linear(torch.nn.functional.silu(linear(x, shared_gate_proj)) * linear(x, shared_up_proj), shared_down_proj)
+    return out + torch.sigmoid(linear(x, shared_expert_gate)) * shared, experts
+
+
+@fused_moe.register_fake
+def _(x, router_weight, gate_up_proj, down_proj, shared_gate_proj, shared_up_proj, shared_down_proj,
+      shared_expert_gate, top_k, norm_topk_prob):
+    return torch.empty_like(x), x.new_empty((x.shape[0], top_k), dtype=torch.int64)

@@ -8,6 +8,7 @@ the matched subgraph. A pass that matches nothing leaves the graph untouched.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -118,7 +119,10 @@ def fake_value(target: Any, *args: Any) -> Any:
 def call(graph: fx.Graph, target: Any, *args: Any, like: fx.Node | None = None) -> fx.Node:
     """Insert a call before the current insertion point, with its fake value and provenance."""
     node = graph.call_function(target, tuple(args))
-    node.meta["val"] = fake_value(target, *args)
+    if target is operator.getitem:  # an element of a multi-output op's (fake) result
+        node.meta["val"] = args[0].meta["val"][args[1]]
+    else:
+        node.meta["val"] = fake_value(target, *args)
     if like is not None:
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in like.meta:

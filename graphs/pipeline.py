@@ -16,6 +16,7 @@ from qwen2c.tolerances import compare, tolerance_for
 
 from . import ops  # noqa: F401  (registers the fused ops)
 from .fuse_attention import FuseAttention
+from .fuse_moe import FuseMoe
 from .fuse_rms_norm import FuseRmsNorm
 from .pass_base import GraphPass, PassContext, PassReport
 
@@ -27,6 +28,7 @@ def default_passes() -> list[GraphPass]:
         # Attention first: it removes the mask plumbing and RoPE tables the other passes never need.
         FuseAttention(),
         FuseRmsNorm(),
+        FuseMoe(),
     ]
 
 
@@ -49,7 +51,7 @@ def run_passes(
                  f"; missed: {report.misses}" if report.misses else "")
         if report.fired and check_lengths:
             after = _run(program, probes)
-            _check(report.name, before, after, dtype)
+            _check(report.name, before, after, dtype, check_lengths)
             before = after
     return reports
 
@@ -59,20 +61,30 @@ def _probe_inputs(vocab: int, lengths: tuple[int, ...]) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (1, n), generator=gen) for n in lengths]
 
 
-def _run(program: torch.export.ExportedProgram, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+def _run(program: torch.export.ExportedProgram, probes: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """Each probe's outputs: the logits, then (MoE models) each sparse layer's chosen experts."""
     module = program.module()
     with torch.no_grad():
-        return [module(ids).float() for ids in probes]
+        outs = [module(ids) for ids in probes]
+    return [tuple(o) if isinstance(o, (tuple, list)) else (o,) for o in outs]
 
 
-def _check(pass_name: str, before, after, dtype: str) -> None:
+def _check(pass_name: str, before, after, dtype: str, lengths: tuple[int, ...]) -> None:
     tol = tolerance_for(dtype)
-    for ref, got in zip(before, after):
+    for n, (ref, *ref_routing), (got, *got_routing) in zip(lengths, before, after):
+        for layer, (r, g) in enumerate(zip(ref_routing, got_routing)):
+            if not torch.equal(r.sort(-1).values, g.sort(-1).values):
+                raise PassCheckError(
+                    f"graph pass {pass_name!r} changed which experts tokens are routed to (sparse layer "
+                    f"{layer}, prompt of {n} tokens). The pass is wrong for this model; report it "
+                    "with the model's config.json."
+                )
+        ref, got = ref.float(), got.float()
         err, rel, scale = compare(got.numpy(), ref.numpy())
         if not tol.allows(err, scale):
             raise PassCheckError(
                 f"graph pass {pass_name!r} changed the model's logits beyond the {dtype} tolerance "
                 f"(max abs error {err:.3g}, relative {rel:.3g}, atol {tol.atol}, rtol {tol.rtol}) "
-                f"on a prompt of {ref.shape[1] if ref.dim() > 2 else '?'} tokens. The pass is wrong "
+                f"on a prompt of {n} tokens. The pass is wrong "
                 "for this model; report it with the model's config.json."
             )

@@ -18,6 +18,7 @@ import torch
 from . import __version__, engine_dir
 from .checkpoint import load_reference, resolve_model
 from .errors import ConfigError, ParityError
+from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096
 SUPPORTED_DTYPES = ("float32",)
+MOE_DISPATCHES = ("sparse", "dense")
 
 
 def build(
@@ -35,9 +37,14 @@ def build(
     max_context: int | None = None,
     force: bool = False,
     parity_steps: int = DEFAULT_DECODE_STEPS,
+    moe_dispatch: str = "sparse",
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """Build an engine directory at ``out``; return its manifest."""
+    """Build an engine directory at ``out``; return its manifest.
+
+    ``moe_dispatch`` (MoE models): "sparse" computes each token's routed experts only; "dense" runs
+    every expert on every token, weighted 0 where unrouted (a baseline for benchmarks).
+    """
     import transformers
     import tvm
 
@@ -53,6 +60,8 @@ def build(
             f"--dtype {dtype!r} is not supported yet: the TVM CPU backend builds {', '.join(SUPPORTED_DTYPES)} "
             "engines (half-precision traces keep RoPE casts the attention pass does not match yet)."
         )
+    if moe_dispatch not in MOE_DISPATCHES:
+        raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
     spec = TARGETS.resolve(target)
     engine_dir.check_destination(out, force)
     source = resolve_model(model)
@@ -71,7 +80,8 @@ def build(
     for r in reports:
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
     clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
-    executable = compile_module(build_relax_module(program, config, dtype, spec.tvm_target()), spec)
+    module = build_relax_module(program, config, dtype, spec.tvm_target(), spec.vector_bits // 32, moe_dispatch)
+    executable = compile_module(module, spec)
 
     staging = engine_dir.make_staging(out)
     try:
@@ -88,6 +98,7 @@ def build(
             "backend": spec.backend,
             "dtype": dtype,
             "max_context": max_context,
+            "moe": _moe_manifest(config, moe_dispatch),
             "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "passes": [r.to_json() for r in reports],
@@ -117,6 +128,14 @@ def build(
             shutil.rmtree(staging, ignore_errors=True)
     clock.step(f"engine written to {out}")
     return manifest
+
+
+def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
+    layers = moe_layers(config)
+    if not layers:
+        return None
+    return {"dispatch": dispatch, "layers": layers, "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok, "norm_topk_prob": bool(config.norm_topk_prob)}
 
 
 def _save_weights(program, names: list[tuple[str, str]], path: Path) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ import torch
 from . import presets
 from .errors import ConfigError, read_json_object
 from .memory import check_fits
-from .model_config import validate_config_dict
+from .model_config import MODEL_CLASSES, validate_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,10 @@ def _checkpoint_source(path: Path) -> ModelSource:
 
 
 def hf_config(cfg: dict[str, Any], source: str = "config"):
-    from transformers import Qwen2Config
-
+    config_class, _ = _classes(cfg)
     fields = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
     try:
-        return Qwen2Config(**fields)
+        return config_class(**fields)
     except Exception as e:  # transformers validates fields with several exception types
         raise ConfigError(f"{source}: transformers rejects this config: {e}") from None
 
@@ -100,17 +99,16 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
     ``copies``: how many copies of the weights the caller will hold at once (a build holds the
     reference and then a loaded engine); checked against free memory before allocating.
     """
-    from transformers import Qwen2ForCausalLM
-
+    _, model_class = _classes(source.config)
     config = hf_config(source.config)
     check_fits(f"model {source.name}", source.param_count(), dtype, copies)
     torch_dtype = TORCH_DTYPES[dtype]
     if source.is_preset:
         torch.manual_seed(presets.SEED)
-        model = Qwen2ForCausalLM(config).to(torch_dtype)
+        model = model_class(config).to(torch_dtype)
         return config, model.eval()
     try:
-        model, info = Qwen2ForCausalLM.from_pretrained(
+        model, info = model_class.from_pretrained(
             source.checkpoint, dtype=torch_dtype, local_files_only=True, output_loading_info=True
         )
     except Exception as e:  # transformers/safetensors raise many types for a bad file
@@ -120,3 +118,11 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
         raise ConfigError(f"{source.checkpoint}: the weights do not match config.json ({detail}).")
     return model.config, model.eval()
+
+
+def _classes(cfg: dict[str, Any]):
+    """transformers' (config class, causal-LM class) for a validated config's model_type."""
+    import transformers
+
+    names = MODEL_CLASSES[cfg.get("model_type", "qwen2")]
+    return tuple(getattr(transformers, n) for n in names)

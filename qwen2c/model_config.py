@@ -10,7 +10,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
+
+# transformers classes per model_type: (config class, causal-LM class).
+MODEL_CLASSES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+}
+
+_MOE_INT_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 _REQUIRED_INT_FIELDS = (
     "vocab_size",
@@ -70,6 +78,45 @@ def validate_config_dict(cfg: dict[str, Any], source: str) -> None:
     eps = cfg.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ConfigError(f"{source}: rms_norm_eps must be a positive number, got {eps!r}.")
+    if model_type == "qwen2_moe":
+        _validate_moe(cfg, source)
+
+
+def _validate_moe(cfg: dict[str, Any], source: str) -> None:
+    for field in _MOE_INT_FIELDS:
+        value = cfg.get(field)
+        if value is None:
+            raise ConfigError(f"{source}: qwen2_moe field {field!r} is missing.")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{source}: field {field!r} must be a positive integer, got {value!r}.")
+    if cfg["num_experts_per_tok"] > cfg["num_experts"]:
+        raise ConfigError(
+            f"{source}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds num_experts {cfg['num_experts']}."
+        )
+    step = cfg.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise ConfigError(f"{source}: field 'decoder_sparse_step' must be a positive integer, got {step!r}.")
+    layers = cfg["num_hidden_layers"]
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in only):
+        raise ConfigError(
+            f"{source}: field 'mlp_only_layers' must be a list of layer indices in [0, {layers}), got {only!r}."
+        )
+    if not isinstance(cfg.get("norm_topk_prob", False), bool):
+        raise ConfigError(f"{source}: field 'norm_topk_prob' must be true or false, got {cfg['norm_topk_prob']!r}.")
+
+
+def is_moe(config: Any) -> bool:
+    return getattr(config, "model_type", None) == "qwen2_moe"
+
+
+def moe_layers(config: Any) -> list[int]:
+    """Indices of the decoder layers whose MLP is a sparse MoE block (as transformers decides)."""
+    if not is_moe(config) or config.num_experts <= 0:
+        return []
+    only = set(config.mlp_only_layers or [])
+    step = config.decoder_sparse_step
+    return [i for i in range(config.num_hidden_layers) if i not in only and (i + 1) % step == 0]
 
 
 def rope_theta(config: Any) -> float:
@@ -82,11 +129,25 @@ def head_dim(config: Any) -> int:
 
 
 def param_count(config: Any) -> int:
-    """Parameters of a dense Qwen2 model with this config (tied embeddings counted once)."""
+    """Parameters of a Qwen2 (dense or MoE) model with this config (tied embeddings counted once)."""
     h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     kv = config.num_key_value_heads * head_dim(config)
     attn = h * h + h + 2 * (h * kv + kv) + h * h
-    mlp = 3 * h * i
-    per_layer = attn + mlp + 2 * h
+    dense_mlp = 3 * h * i
+    sparse = moe_layers(config)
+    total = (attn + 2 * h) * layers + dense_mlp * (layers - len(sparse))
+    if sparse:
+        e, mi, si = config.num_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size
+        moe = e * h + e * 3 * h * mi + 3 * h * si + h  # router, experts, shared expert, its gate
+        total += moe * len(sparse)
     embed = v * h * (1 if config.tie_word_embeddings else 2)
-    return embed + layers * per_layer + h
+    return embed + total + h
+
+
+def active_param_count(config: Any) -> int:
+    """Parameters one token reads: its num_experts_per_tok routed experts, not all of them."""
+    sparse = moe_layers(config)
+    if not sparse:
+        return param_count(config)
+    idle = config.num_experts - config.num_experts_per_tok
+    return param_count(config) - len(sparse) * idle * 3 * config.hidden_size * config.moe_intermediate_size

@@ -39,6 +39,22 @@ def _qwen2(hidden, layers, heads, kv_heads, inter, vocab, tied, **extra) -> dict
     }
 
 
+def _qwen2_moe(hidden, layers, heads, kv_heads, inter, vocab, experts, top_k, moe_inter, shared_inter, **extra):
+    return _qwen2(
+        hidden, layers, heads, kv_heads, inter, vocab, False,
+        model_type="qwen2_moe",
+        architectures=["Qwen2MoeForCausalLM"],
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=shared_inter,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **extra,
+    )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Published Qwen2 shapes (Qwen/Qwen2-*/config.json).
     "qwen2-0.5b": _qwen2(896, 24, 14, 2, 4864, 151936, True),
@@ -47,6 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-72b": _qwen2(8192, 80, 64, 8, 29568, 152064, False),
     # Small, for quick work: the real vocabulary, so the real tokenizer applies.
     "qwen2-tiny": _qwen2(128, 2, 4, 2, 256, 151936, True, max_position_embeddings=4096),
+    # Qwen/Qwen2-57B-A14B: 64 routed experts, 8 per token, and a shared expert with a sigmoid gate.
+    "qwen2-57b-a14b": _qwen2_moe(3584, 28, 28, 4, 18944, 151936, 64, 8, 2560, 20480),
+    # The 57B-A14B routing (64 experts, 8 per token) at a small width, with the real vocabulary.
+    "qwen2-moe-tiny": _qwen2_moe(128, 2, 4, 2, 256, 151936, 64, 8, 64, 256, max_position_embeddings=4096),
 }
 
 SEED = 0

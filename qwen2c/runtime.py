@@ -29,6 +29,8 @@ class Engine:
         self.vocab_size: int = cfg["vocab_size"]
         self.max_context: int = self.manifest["max_context"]
         self.eos_token_id = cfg.get("eos_token_id")
+        moe = self.manifest.get("moe") or {}
+        self.moe_layers: list[int] = moe.get("layers", [])
         self._program = self._open_program()
         self._tokenizer = None
 
@@ -109,14 +111,21 @@ class Session:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._cache = engine._program.new_cache()
+        self._routing: list = []
         self.length = 0
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Append a prompt (or a further chunk of it); return the logits after its last token."""
         arr = self.engine._check_ids(ids, self.length)
-        logits = self.engine._program.forward(self._cache, arr)
+        logits, self._routing = self.engine._program.forward(self._cache, arr)
         self.length += arr.size
         return logits
+
+    @property
+    def routing(self) -> list[np.ndarray]:
+        """MoE engines: for each sparse layer (``engine.moe_layers``), the experts the tokens of the
+        last prefill/decode call were routed to, [tokens, top_k], highest weight first. Dense: []."""
+        return [r.numpy() for r in self._routing]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; return the logits for the next."""

@@ -6,6 +6,9 @@ The module holds three functions:
 - ``prefill(input_ids[1, n], kv_cache, *params) -> logits[1, 1, vocab]``;
 - ``decode(input_ids[1, 1], kv_cache, *params) -> logits[1, 1, vocab]``: the same graph with n
   bound to 1, so its matmuls are scheduled as matrix-vector products.
+
+For MoE models both return ``(logits, experts_0, ..., experts_L)``: each sparse layer's chosen
+experts per token ([n, top_k] int64), as the traced program does.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from .lower_ops import convert_map
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
 
 
-def build_relax_module(program, config, dtype: str, target: tvm.target.Target) -> tvm.IRModule:
+def build_relax_module(program, config, dtype: str, target: tvm.target.Target, vector_lanes: int,
+                       moe_dispatch: str = "sparse") -> tvm.IRModule:
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
     mod = from_exported_program(
         program,
         keep_params_as_input=True,
         unwrap_unit_return_tuple=True,
         run_ep_decomposition=False,
-        custom_convert_map=convert_map(kv_cache),
+        custom_convert_map=convert_map(kv_cache, vector_lanes, moe_dispatch),
     )
     main = mod["main"]
     input_ids, *weights = main.params
@@ -39,6 +43,9 @@ def build_relax_module(program, config, dtype: str, target: tvm.target.Target) -
     prefill = prefill.with_attrs({k: v for k, v in main.attrs.items() if k != "params"})
     prefill = prefill.with_attr("num_input", 2)
     out = tvm.IRModule({"prefill": prefill.with_attr("global_symbol", "prefill")})
+    for gvar, func in mod.functions_items():  # kernels the converters added (e.g. the MoE ones)
+        if gvar.name_hint != "main":
+            out[gvar] = func
     decode = copy_with_new_vars(prefill).with_attr("global_symbol", "decode")
     if isinstance(seq, tirx.Var):
         seq = decode.params[0].ty.shape[1]  # the copy has its own symbolic variables

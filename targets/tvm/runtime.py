@@ -48,11 +48,17 @@ class TvmProgram:
         _add_sequence(cache, 0)
         return cache
 
-    def forward(self, cache, ids: np.ndarray) -> np.ndarray:
-        """Append ``ids`` (int64, [n]) to the sequence; return the last position's logits."""
+    def forward(self, cache, ids: np.ndarray) -> tuple[np.ndarray, list]:
+        """Append ``ids`` (int64, [n]) to the sequence.
+
+        Returns the last position's logits and (MoE engines) each sparse layer's routing, still as
+        device tensors ([n, top_k] experts per token): copied out only if someone asks for them.
+        """
         n = int(ids.shape[0])
         _begin_forward(cache, ShapeTuple([0]), ShapeTuple([n]))
         fn = self._decode if n == 1 else self._prefill
-        logits = fn(tvm.runtime.tensor(ids.reshape(1, n), self.device), cache, *self.params)
+        out = fn(tvm.runtime.tensor(ids.reshape(1, n), self.device), cache, *self.params)
         _end_forward(cache)
-        return logits.numpy().reshape(-1)
+        if isinstance(out, tvm.runtime.Tensor):
+            return out.numpy().reshape(-1), []
+        return out[0].numpy().reshape(-1), list(out[1:])
