@@ -40,8 +40,9 @@ def routing_layers(model: torch.nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
-def capture_routing(model: torch.nn.Module):
-    """Collect each sparse layer's chosen experts ([tokens, top_k]) during one forward, in layer order.
+def capture_routing(model: torch.nn.Module, with_logits: bool = False):
+    """Collect each sparse layer's chosen experts ([tokens, top_k]) during forward calls, in layer order
+    (``(router_logits, experts)`` pairs with ``with_logits``).
 
     transformers' router returns (router_logits, router_scores, router_indices).
     """
@@ -51,7 +52,7 @@ def capture_routing(model: torch.nn.Module):
         if not (isinstance(output, tuple) and len(output) == 3):
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; expected "
                             "(router_logits, router_scores, router_indices)")
-        captured.append(output[2])
+        captured.append((output[0], output[2]) if with_logits else output[2])
 
     layers = model.model.layers if hasattr(model, "model") else model.layers
     handles = [layers[i].mlp.gate.register_forward_hook(hook) for i in routing_layers(model)]

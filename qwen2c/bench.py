@@ -91,3 +91,62 @@ def format_bench(r: dict[str, Any]) -> str:
         f"  decode : engine {r['decode_tok_s']['engine']:8.1f} tok/s   transformers eager {r['decode_tok_s']['eager']:8.1f} tok/s   "
         f"ratio {r['decode_speedup']:.2f}x",
     ])
+
+
+def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
+                       progress=lambda msg: None) -> dict[str, Any]:
+    """A sparse MoE engine against the same model compiled to run every expert on every token.
+
+    The dense variant is built here, from the engine's own checkpoint files, with the same target
+    and kernels (only the dispatch differs), into a temporary directory; both are timed in this
+    process, alternately, on the same prompt.
+    """
+    import tempfile
+
+    from .builder import build
+    from .errors import ConfigError
+
+    engine = load(directory)
+    moe = engine.manifest.get("moe")
+    if not moe:
+        raise ConfigError(f"{directory}: not a MoE engine; --dense-experts compares MoE dispatch strategies.")
+    if moe["dispatch"] != "sparse":
+        raise ConfigError(f"{directory}: built with --moe-dispatch {moe['dispatch']}; give the sparse engine.")
+    with tempfile.TemporaryDirectory(prefix="qwen2c-dense-") as tmp:
+        progress("building the dense-experts variant of the same model for comparison")
+        build(str(directory), engine.manifest["target"]["name"], Path(tmp) / "dense", dtype=engine.manifest["dtype"],
+              max_context=engine.max_context, moe_dispatch="dense", progress=progress)
+        dense = load(Path(tmp) / "dense")
+        prompt = parity_prompt(engine.vocab_size, min(prompt_tokens, engine.max_context - decode_tokens - 1), seed=1)
+        t: dict[str, float] = {}
+        for name, e in (("sparse", engine), ("dense", dense)):
+            t[f"{name}_prefill"] = _median_time(lambda: e.session().prefill(prompt), repeats)
+            t[f"{name}_decode"] = _median_time(lambda: _decode_run(e, prompt, decode_tokens), repeats) - t[f"{name}_prefill"]
+    result = {
+        "experts": moe["num_experts"], "experts_per_token": moe["num_experts_per_tok"], "moe_layers": len(moe["layers"]),
+        "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+        "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
+        "decode_ms_per_token": {k: 1e3 * t[f"{k}_decode"] / decode_tokens for k in ("sparse", "dense")},
+        "prefill_tok_s": {k: len(prompt) / t[f"{k}_prefill"] for k in ("sparse", "dense")},
+    }
+    result["decode_speedup"] = result["decode_ms_per_token"]["dense"] / result["decode_ms_per_token"]["sparse"]
+    result["prefill_speedup"] = result["prefill_tok_s"]["sparse"] / result["prefill_tok_s"]["dense"]
+    return result
+
+
+def _decode_run(engine, prompt: list[int], steps: int) -> None:
+    s = engine.session()
+    logits = s.prefill(prompt)
+    for _ in range(steps):
+        logits = s.decode(int(np.argmax(logits)))
+
+
+def format_moe_bench(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"MoE dispatch: {r['experts']} experts, {r['experts_per_token']} per token, {r['moe_layers']} sparse layers; "
+        f"threads {r['threads']}, prompt {r['prompt_tokens']} tokens, {r['decode_tokens']} decode steps (median of runs)",
+        f"  decode : sparse {r['decode_ms_per_token']['sparse']:8.2f} ms/token   all experts (dense) "
+        f"{r['decode_ms_per_token']['dense']:8.2f} ms/token   speedup {r['decode_speedup']:.2f}x",
+        f"  prefill: sparse {r['prefill_tok_s']['sparse']:8.1f} tok/s      all experts (dense) "
+        f"{r['prefill_tok_s']['dense']:8.1f} tok/s      speedup {r['prefill_speedup']:.2f}x",
+    ])

@@ -101,7 +101,8 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
     """
     _, model_class = _classes(source.config)
     config = hf_config(source.config)
-    check_fits(f"model {source.name}", source.param_count(), dtype, copies)
+    check_fits(f"model {source.name}", source.param_count(), dtype, copies,
+               hint=f"`qwen2c inspect --model {source.name}` traces and rewrites it at full size without weights.")
     torch_dtype = TORCH_DTYPES[dtype]
     if source.is_preset:
         torch.manual_seed(presets.SEED)
@@ -126,3 +127,15 @@ def _classes(cfg: dict[str, Any]):
 
     names = MODEL_CLASSES[cfg.get("model_type", "qwen2")]
     return tuple(getattr(transformers, n) for n in names)
+
+
+def meta_model(source: ModelSource):
+    """The transformers model with its weights on the meta device: real shapes, no memory.
+
+    Lets a model too large for this machine be exported and rewritten at full size.
+    """
+    _, model_class = _classes(source.config)
+    config = hf_config(source.config)
+    with torch.device("meta"):
+        model = model_class(config)
+    return config, model.eval()

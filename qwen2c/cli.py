@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Export, rewrite, compile and check a Qwen2 model; write an engine directory.")
     b.add_argument("--model", required=True,
                    help="checkpoint directory (config.json + *.safetensors) or preset: qwen2-tiny, qwen2-0.5b, "
-                        "qwen2-1.5b, qwen2-7b, qwen2-72b")
+                        "qwen2-1.5b, qwen2-7b, qwen2-72b, qwen2-moe-tiny, qwen2-57b-a14b")
     b.add_argument("--target", default="llvm", help="compile target (default: llvm, this machine's CPU)")
     b.add_argument("-o", "--output", required=True, help="engine directory to create")
     b.add_argument("--dtype", default="float32",
@@ -28,6 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the engine serves (default 4096)")
     b.add_argument("--parity-steps", type=int, default=8, help="decode steps compared with transformers (default 8)")
     b.add_argument("--force", action="store_true", help="replace an existing engine (only once the new one is complete)")
+    b.add_argument("--moe-dispatch", choices=("sparse", "dense"), default="sparse",
+                   help="MoE models: 'sparse' runs each token's routed experts only (default); 'dense' runs every "
+                        "expert on every token (a baseline for benchmarks)")
+
+    i = sub.add_parser("inspect", help="trace and rewrite a model at full size without loading weights",
+                       description="Export a model on meta tensors (no memory for weights), run the graph passes "
+                                   "and report what they fused and the shapes the rewritten program produces.")
+    i.add_argument("--model", required=True, help="checkpoint directory or preset (any size)")
+    i.add_argument("--max-context", type=int, default=4096)
 
     r = sub.add_parser("run", help="generate tokens with an engine", description="Greedy generation with an engine.")
     r.add_argument("engine", help="engine directory")
@@ -46,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--prompt-tokens", type=int, default=128)
     be.add_argument("--decode-tokens", type=int, default=32)
     be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--dense-experts", action="store_true",
+                    help="MoE engines: compare with the same model built to run all experts on every token")
     return p
 
 
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"build": _build, "run": _run, "verify": _verify, "bench": _bench}[args.command](args)
+        return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench}[args.command](args)
     except Qwen2cError as e:
         print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -73,7 +84,8 @@ def _build(args) -> int:
     from .builder import build
 
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
-                     force=args.force, parity_steps=args.parity_steps, progress=_progress)
+                     force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
+                     progress=_progress)
     parity = manifest["parity"]
     status = "parity PASS" if parity else "parity not checked on this machine"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
@@ -113,9 +125,20 @@ def _verify(args) -> int:
     return 0 if report["passed"] else 3
 
 
-def _bench(args) -> int:
-    from .bench import bench, format_bench
+def _inspect(args) -> int:
+    from .inspect_graph import format_inspect, inspect_graph
 
+    print(format_inspect(inspect_graph(args.model, args.max_context)))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench, bench_moe_dispatch, format_bench, format_moe_bench
+
+    if args.dense_experts:
+        result = bench_moe_dispatch(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
+        print(format_moe_bench(result))
+        return 0
     print(format_bench(bench(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
     return 0
 

@@ -21,7 +21,7 @@ def available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(what: str, params: int, dtype: str, copies: float, overhead: int = GIB) -> None:
+def check_fits(what: str, params: int, dtype: str, copies: float, overhead: int = GIB, hint: str = "") -> None:
     """Raise MemoryBudgetError if ``copies`` x the weights (plus overhead) exceed free memory."""
     weights = params * DTYPE_BYTES[dtype]
     need = int(weights * copies) + overhead
@@ -31,5 +31,5 @@ def check_fits(what: str, params: int, dtype: str, copies: float, overhead: int 
             f"{what} has {params / 1e9:.2f}B parameters: {weights / GIB:.1f} GiB of {dtype} weights, "
             f"and this step needs about {need / GIB:.1f} GiB of memory, but only {have / GIB:.1f} GiB "
             "is available. Nothing was allocated. Use a smaller preset "
-            "or a machine with more memory."
+            f"or a machine with more memory.{(' ' + hint) if hint else ''}"
         )

@@ -31,7 +31,7 @@ def test_checkpoints_of_other_shapes_match_transformers_step_by_step(tmp_path, s
     engine = qwen2c.load(tmp_path / "engine")
     reference = Qwen2ForCausalLM.from_pretrained(ckpt).eval()
     prompt = [5, 17, 3, 99, 42, 7, 1, 0, 63]
-    expected, fed = reference_steps(reference, prompt, steps=6)
+    expected, fed, _ = reference_steps(reference, prompt, steps=6)
     session = engine.session()
     got = [session.prefill(prompt)] + [session.decode(t) for t in fed]
     for step, (g, e) in enumerate(zip(got, expected)):
