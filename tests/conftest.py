@@ -45,6 +45,45 @@ def write_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
     return directory
 
 
+def moe_config(**overrides) -> dict:
+    cfg = small_config(
+        model_type="qwen2_moe",
+        intermediate_size=96,
+        num_hidden_layers=3,
+        tie_word_embeddings=False,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def write_moe_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
+    """A Qwen2-MoE checkpoint with seeded random weights and a decisive router.
+
+    transformers initialises the router near zero, which makes every expert about equally likely:
+    routing would then be decided by rounding. Scaled-up router weights give clear choices.
+    """
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = moe_config(**overrides)
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 3.0 / cfg["hidden_size"] ** 0.5)
+            elif name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
