@@ -28,6 +28,7 @@ import re
 import torch
 from torch import fx
 
+from qwen2c.errors import UnsupportedModelError
 from qwen2c.model_config import moe_layers
 
 from .pass_base import GraphPass, Miss, PassContext, PassReport, aten, call, is_op
@@ -101,11 +102,17 @@ class FuseMoe(GraphPass):
     def __call__(self, ctx: PassContext) -> PassReport:
         self._fused_layers: list[int] = []
         report = super().__call__(ctx)
-        # Every layer the config makes sparse must have been fused, or the engine would be wrong
-        # about which layers route (decoder_sparse_step, mlp_only_layers).
-        for layer in sorted(set(moe_layers(ctx.config)) - set(self._fused_layers)):
-            report.misses.append(Miss(f"layer {layer}", "the config makes this layer a sparse MoE block, "
-                                      "but no block was matched there"))
+        # Every layer the config makes sparse must be fused: backends have no lowering for the traced
+        # block (its grouped matmuls are a transformers custom op), and a block left unfused is one
+        # this pass did not recognise, so compiling it would risk a silently wrong engine.
+        unfused = sorted(set(moe_layers(ctx.config)) - set(self._fused_layers))
+        if unfused:
+            reasons = "; ".join(str(m) for m in report.misses) or "no router (softmax + topk) was found"
+            raise UnsupportedModelError(
+                f"qwen2c cannot compile the MoE block of layer(s) {unfused}: {reasons}. The fused MoE op computes "
+                "the Qwen2-MoE block (softmax top-k router, SwiGLU experts, sigmoid-gated shared expert); a block "
+                "that differs is refused rather than compiled into a wrong engine."
+            )
         return report
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, m: MoeMatch, ctx: PassContext) -> None:
@@ -150,6 +157,7 @@ class FuseMoe(GraphPass):
         if found is None:
             return miss(f"router weight {router} ({name}) is not a layers.N.mlp.gate.weight parameter")
         layer = int(found.group(1))
+        miss = lambda reason: Miss(f"layer {layer} ({node.name})", reason)  # noqa: E731
         if layer not in moe_layers(ctx.config):
             return miss(f"layer {layer} routes, but the config (decoder_sparse_step, mlp_only_layers) makes it dense")
         if k != ctx.config.num_experts_per_tok:
@@ -170,12 +178,12 @@ class FuseMoe(GraphPass):
                                "shared_expert.up_proj.weight", "shared_expert.down_proj.weight",
                                "shared_expert_gate.weight") if p not in params]
         if missing:
-            return miss(f"layer {layer}'s block has no {missing[0]} parameter (not a Qwen2-MoE sparse block)")
+            return miss(f"the block has no {missing[0]} parameter (not a Qwen2-MoE sparse block)")
         extra = sorted(set(params) - {"gate.weight", "experts.gate_up_proj", "experts.down_proj",
                                       "shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
                                       "shared_expert.down_proj.weight", "shared_expert_gate.weight"})
         if extra:
-            return miss(f"layer {layer}'s block has parameters the fused op does not compute: {extra}")
+            return miss(f"the block has parameters the fused op does not compute: {extra}")
         gate_logit = _single_user(params["shared_expert_gate.weight"])
         if _linear_of(gate_logit, x_root) is None:
             return miss("the shared-expert gate is not linear(x, shared_expert_gate) on the block input")

@@ -14,6 +14,10 @@ class ConfigError(Qwen2cError, ValueError):
     """A model config or checkpoint that qwen2c cannot build: names the field or file at fault."""
 
 
+class UnsupportedModelError(ConfigError):
+    """A model whose graph contains a block qwen2c's passes do not recognise and cannot compile."""
+
+
 class MemoryBudgetError(Qwen2cError):
     """The model would not fit in this machine's memory; raised before allocating."""
 
