@@ -44,7 +44,7 @@ def test_manifest_records_what_built_the_engine(tiny_engine):
     assert m["format_version"] == 1 and m["backend"] == "tvm" and m["dtype"] == "float32"
     assert m["target"]["name"].startswith("llvm")
     assert set(m["versions"]) == {"qwen2c", "tvm", "torch", "transformers"}
-    assert {p["name"]: p["fired"] for p in m["passes"]} == {"fuse_attention": 2, "fuse_rms_norm": 5}
+    assert {p["name"]: p["fired"] for p in m["passes"]} == {"fuse_attention": 2, "fuse_rms_norm": 5, "fuse_moe": 0}
     assert m["parity"]["passed"] and len(m["parity"]["steps"]) == 9
     files = {p.name for p in tiny_engine.iterdir()} - {"manifest.json"}
     assert set(m["files"]) == files and {"model.so", "model.safetensors", "config.json"} <= files
