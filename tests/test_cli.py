@@ -46,3 +46,19 @@ def test_verify_fails_on_tampered_weights_even_with_fresh_checksums(tmp_path, ti
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify", str(copy)]) == 3
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_moe_preset_builds_runs_and_verifies(tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert main(["build", "--model", "qwen2-moe-tiny", "-o", str(out), "--max-context", "64"]) == 0
+    assert "parity PASS" in capsys.readouterr().out
+    assert main(["run", str(out), "--prompt", "Hello, world", "--max-new-tokens", "3"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert "routing: PASS" in capsys.readouterr().out
+
+
+def test_too_large_moe_preset_is_refused_with_the_memory_it_needs(tmp_path, capsys):
+    assert main(["build", "--model", "qwen2-57b-a14b", "-o", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "57.41B parameters" in err and "GiB" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
