@@ -259,3 +259,43 @@ def test_cli_verify_and_inspect_report_routing(moe_engine, moe_checkpoint, capsy
     assert "routing: PASS; top-k expert sets agree for 60/60" in out
     assert main(["inspect", "--model", str(moe_checkpoint)]) == 0
     assert "pass fuse_moe: fired 3x" in capsys.readouterr().out
+
+
+def _poison_unrouted_experts(engine, routed: dict[int, set[int]]) -> None:
+    """Set every expert's weights to NaN except the routed ones, in the engine's uploaded params:
+    any computation that touches an unrouted expert (even one weighted by 0) then yields NaN."""
+    import tvm
+
+    names = [p["name"] for p in engine.manifest["params"]]
+    program = engine._program
+    for layer, keep in routed.items():
+        for suffix in ("gate_up_proj", "down_proj"):
+            i = names.index(f"model.layers.{layer}.mlp.experts.{suffix}")
+            weights = program.params[i].numpy()
+            for e in set(range(weights.shape[0])) - keep:
+                weights[e] = np.nan
+            program.params[i] = tvm.runtime.tensor(weights, program.device)
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_a_decode_step_reads_only_the_experts_its_token_routes_to(tmp_path, moe_checkpoint, moe_engine, dispatch):
+    path = moe_engine
+    if dispatch == "dense":
+        path = tmp_path / "dense"
+        qwen2c.build(str(moe_checkpoint), "llvm", path, max_context=64, moe_dispatch="dense", parity_steps=1)
+    engine = qwen2c.load(path)
+    prompt, token = [9, 8, 7, 6, 5], 4
+    clean = engine.session()
+    clean.prefill(prompt)
+    want = clean.decode(token)
+    routed = {layer: set(experts[0].tolist()) for layer, experts in zip(engine.moe_layers, clean.routing)}
+    assert all(len(r) == 2 for r in routed.values())
+
+    session = engine.session()
+    session.prefill(prompt)  # with clean weights: the prompt routes to other experts too
+    _poison_unrouted_experts(engine, routed)
+    got = session.decode(token)
+    if dispatch == "sparse":
+        np.testing.assert_array_equal(got, want)  # the unrouted experts were never read
+    else:
+        assert np.isnan(got).all()  # the baseline computes all experts (NaN * 0 is NaN)
