@@ -145,146 +145,103 @@ def group_kernel(experts: int):
     return moe_group
 
 
-def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vector: int, tile_rows: int):
+def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vector: int, tile_rows: int,
+                          col_block: int = 16):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]``.
 
     Row p of h is expert e's SwiGLU of token rows[p] // k, for offsets[e] <= p < offsets[e + 1].
     Gate and up rows of a column tile are accumulated together, so h is written once.
     """
-    E, H, I, K = (T.int64(v) for v in (experts, hidden, inter, top_k))
-    V = T.int64(_lanes(hidden, vector))
-    TJ = T.int64(_cols(inter))
-    TI = T.int64(tile_rows)
-    HO = T.int64(hidden // int(V))
+    return _grouped_kernel(experts, hidden, inter, vector, tile_rows, col_block, gather_top_k=top_k, swiglu=True)
 
-    @T.prim_func(private=True, s_tir=True)
-    def moe_grouped_swiglu(a: T.handle, w: T.Buffer((E, I * T.int64(2), H), "float32"), r: T.handle,
+
+def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = 16):
+    """``(h[slots, I], down[E, H, I], rows[slots], offsets[E + 1]) -> y[slots, H]``: each row of h by its
+    expert's down_proj (h is already in expert order; ``rows`` is unused, kept for one signature)."""
+    return _grouped_kernel(experts, inter, hidden, vector, tile_rows, col_block, gather_top_k=None, swiglu=False)
+
+
+def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows: int, col_block: int,
+                    gather_top_k: int | None, swiglu: bool):
+    """One grouped NT matmul: out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e.
+
+    Tiles are TI rows x TJ columns of vector accumulators along the reduction (TI * TJ, twice that
+    for SwiGLU's gate and up, must fit the vector registers); a task owns ``col_block`` column
+    tiles of every expert, so it streams each expert's weight rows contiguously. Row tiles of TI,
+    then single rows for the remainder: no work on padding rows, and a decode step (one row per
+    routed expert) runs the single-row path, which is a pure weight stream.
+    """
+    gather = gather_top_k is not None
+    E, KD, N = (T.int64(v) for v in (experts, k_dim, n_out))
+    TOPK = T.int64(gather_top_k or 1)
+    V = T.int64(_lanes(k_dim, vector))
+    TJ = T.int64(_cols(n_out))
+    TI = T.int64(tile_rows)
+    KO = T.int64(k_dim // int(V))
+    tiles = n_out // int(TJ)
+    JB = T.int64(_block(tiles, col_block))
+    W_ROWS = N * T.int64(2) if swiglu else N
+
+    @T.macro
+    def tile(nrows, first, jo, e, x, w, rows, out):
+        acc = T.alloc_buffer((nrows, TJ, V), "float32", scope="local")
+        acc_up = T.alloc_buffer((nrows, TJ, V), "float32", scope="local")
+        for ii in T.unroll(nrows):
+            for jj in T.unroll(TJ):
+                for v in T.vectorized(V):
+                    acc[ii, jj, v] = T.float32(0)
+                    if swiglu:
+                        acc_up[ii, jj, v] = T.float32(0)
+        for ko in range(KO):
+            for ii in T.unroll(nrows):
+                for jj in T.unroll(TJ):
+                    for v in T.vectorized(V):
+                        if gather:
+                            acc[ii, jj, v] = acc[ii, jj, v] + x[
+                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v] * w[e, jo * TJ + jj, ko * V + v]
+                        else:
+                            acc[ii, jj, v] = acc[ii, jj, v] + x[first + ii, ko * V + v] * w[e, jo * TJ + jj, ko * V + v]
+                        if swiglu:
+                            acc_up[ii, jj, v] = acc_up[ii, jj, v] + x[
+                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v] * w[e, N + jo * TJ + jj, ko * V + v]
+        for ii in range(nrows):
+            for jj in range(TJ):
+                sums = T.alloc_buffer((2,), "float32", scope="local")
+                sums[0] = T.float32(0)
+                sums[1] = T.float32(0)
+                for v in range(V):
+                    sums[0] = sums[0] + acc[ii, jj, v]
+                    if swiglu:
+                        sums[1] = sums[1] + acc_up[ii, jj, v]
+                if swiglu:
+                    out[first + ii, jo * TJ + jj] = sums[0] / (T.float32(1) + T.exp(T.float32(0) - sums[0])) * sums[1]
+                else:
+                    out[first + ii, jo * TJ + jj] = sums[0]
+
+    @T.prim_func(private=True)
+    def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), "float32"), r: T.handle,
                            off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         t, s = T.int64(), T.int64()
-        x = T.match_buffer(a, (t, H), "float32")
+        x = T.match_buffer(a, (t, KD), "float32")
         rows = T.match_buffer(r, (s,), "int32")
-        h = T.match_buffer(c, (s, I), "float32")
-        for jo in T.parallel(I // TJ):
+        out = T.match_buffer(c, (s, N), "float32")
+        for jb in T.parallel(T.int64(tiles) // JB):
             for e in range(E):
                 start = T.Cast("int64", off[e])
                 count = T.Cast("int64", off[e + T.int64(1)]) - start
-                # Full tiles of TI rows, then the remaining rows one at a time (decode: one row).
-                for io in range(count // TI):
-                    gate = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
-                    up = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
-                    for ii in T.unroll(TI):
-                        for jj in T.unroll(TJ):
-                            for v in T.vectorized(V):
-                                gate[ii, jj, v] = T.float32(0)
-                                up[ii, jj, v] = T.float32(0)
-                    for ko in range(HO):
-                        for ii in T.unroll(TI):
-                            for jj in T.unroll(TJ):
-                                for v in T.vectorized(V):
-                                    gate[ii, jj, v] = gate[ii, jj, v] + x[
-                                        T.Cast("int64", rows[start + io * TI + ii]) // K, ko * V + v
-                                    ] * w[e, jo * TJ + jj, ko * V + v]
-                                    up[ii, jj, v] = up[ii, jj, v] + x[
-                                        T.Cast("int64", rows[start + io * TI + ii]) // K, ko * V + v
-                                    ] * w[e, I + jo * TJ + jj, ko * V + v]
-                    for ii in range(TI):
-                        for jj in range(TJ):
-                            sums = T.alloc_buffer((2,), "float32", scope="local")
-                            sums[0] = T.float32(0)
-                            sums[1] = T.float32(0)
-                            for v in range(V):
-                                sums[0] = sums[0] + gate[ii, jj, v]
-                                sums[1] = sums[1] + up[ii, jj, v]
-                            h[start + io * TI + ii, jo * TJ + jj] = sums[0] / (
-                                T.float32(1) + T.exp(T.float32(0) - sums[0])
-                            ) * sums[1]
-                for rest in range(count % TI):
-                    gate1 = T.alloc_buffer((TJ, V), "float32", scope="local")
-                    up1 = T.alloc_buffer((TJ, V), "float32", scope="local")
-                    for jj in T.unroll(TJ):
-                        for v in T.vectorized(V):
-                            gate1[jj, v] = T.float32(0)
-                            up1[jj, v] = T.float32(0)
-                    for ko in range(HO):
-                        for jj in T.unroll(TJ):
-                            for v in T.vectorized(V):
-                                gate1[jj, v] = gate1[jj, v] + x[
-                                    T.Cast("int64", rows[start + count // TI * TI + rest]) // K, ko * V + v
-                                ] * w[e, jo * TJ + jj, ko * V + v]
-                                up1[jj, v] = up1[jj, v] + x[
-                                    T.Cast("int64", rows[start + count // TI * TI + rest]) // K, ko * V + v
-                                ] * w[e, I + jo * TJ + jj, ko * V + v]
-                    for jj in range(TJ):
-                        sums1 = T.alloc_buffer((2,), "float32", scope="local")
-                        sums1[0] = T.float32(0)
-                        sums1[1] = T.float32(0)
-                        for v in range(V):
-                            sums1[0] = sums1[0] + gate1[jj, v]
-                            sums1[1] = sums1[1] + up1[jj, v]
-                        h[start + count // TI * TI + rest, jo * TJ + jj] = sums1[0] / (
-                            T.float32(1) + T.exp(T.float32(0) - sums1[0])
-                        ) * sums1[1]
+                for jt in range(JB):
+                    for io in range(count // TI):
+                        tile(TI, start + io * TI, jb * JB + jt, e, x, w, rows, out)
+                    for rest in range(count % TI):
+                        tile(T.int64(1), start + count // TI * TI + rest, jb * JB + jt, e, x, w, rows, out)
 
-    return moe_grouped_swiglu
+    return moe_grouped_matmul
 
 
-def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int):
-    """``(h[slots, I], down[E, H, I], offsets[E + 1]) -> y[slots, H]``: each row by its expert's down_proj."""
-    E, H, I = (T.int64(v) for v in (experts, hidden, inter))
-    V = T.int64(_lanes(inter, vector))
-    TJ = T.int64(_cols(hidden))
-    TI = T.int64(tile_rows)
-    IO = T.int64(inter // int(V))
-
-    @T.prim_func(private=True, s_tir=True)
-    def moe_grouped_down(a: T.handle, w: T.Buffer((E, H, I), "float32"),
-                         off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        s = T.int64()
-        h = T.match_buffer(a, (s, I), "float32")
-        y = T.match_buffer(c, (s, H), "float32")
-        for jo in T.parallel(H // TJ):
-            for e in range(E):
-                start = T.Cast("int64", off[e])
-                count = T.Cast("int64", off[e + T.int64(1)]) - start
-                for io in range(count // TI):
-                    acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
-                    for ii in T.unroll(TI):
-                        for jj in T.unroll(TJ):
-                            for v in T.vectorized(V):
-                                acc[ii, jj, v] = T.float32(0)
-                    for ko in range(IO):
-                        for ii in T.unroll(TI):
-                            for jj in T.unroll(TJ):
-                                for v in T.vectorized(V):
-                                    acc[ii, jj, v] = acc[ii, jj, v] + h[start + io * TI + ii, ko * V + v] * w[
-                                        e, jo * TJ + jj, ko * V + v
-                                    ]
-                    for ii in range(TI):
-                        for jj in range(TJ):
-                            y[start + io * TI + ii, jo * TJ + jj] = T.float32(0)
-                            for v in range(V):
-                                y[start + io * TI + ii, jo * TJ + jj] = y[start + io * TI + ii, jo * TJ + jj] + acc[ii, jj, v]
-                for rest in range(count % TI):
-                    acc1 = T.alloc_buffer((TJ, V), "float32", scope="local")
-                    for jj in T.unroll(TJ):
-                        for v in T.vectorized(V):
-                            acc1[jj, v] = T.float32(0)
-                    for ko in range(IO):
-                        for jj in T.unroll(TJ):
-                            for v in T.vectorized(V):
-                                acc1[jj, v] = acc1[jj, v] + h[start + count // TI * TI + rest, ko * V + v] * w[
-                                    e, jo * TJ + jj, ko * V + v
-                                ]
-                    for jj in range(TJ):
-                        y[start + count // TI * TI + rest, jo * TJ + jj] = T.float32(0)
-                        for v in range(V):
-                            y[start + count // TI * TI + rest, jo * TJ + jj] = (
-                                y[start + count // TI * TI + rest, jo * TJ + jj] + acc1[jj, v]
-                            )
-
-    return moe_grouped_down
+def _block(tiles: int, col_block: int) -> int:
+    """Column tiles per task: the largest divisor of ``tiles`` up to ``col_block``."""
+    return max(d for d in range(1, min(tiles, col_block) + 1) if tiles % d == 0)
 
 
 def combine_kernel(hidden: int, top_k: int, vector: int):

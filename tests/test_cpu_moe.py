@@ -100,7 +100,7 @@ def test_grouped_experts_and_combine(hidden, inter, tokens, k, tile_rows):
 
     y = _empty((slots, hidden), "float32")
     _compile(cpu_moe.grouped_down_kernel(experts, hidden, inter, LANES, tile_rows))(
-        h, tvm.runtime.tensor(down), tvm.runtime.tensor(offsets), y)
+        h, tvm.runtime.tensor(down), tvm.runtime.tensor(order.astype(np.int32)), tvm.runtime.tensor(offsets), y)
     want_y = np.einsum("si,shi->sh", want_h, down[expert_of])
     np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-4, atol=1e-4)
 

@@ -99,7 +99,7 @@ def convert_map(kv_cache: relax.Var, vector_lanes: int, moe_dispatch: str = "spa
         h = call(swiglu, [x, gate_up, rows, offsets], ((slots, inter), f32))
         down_k = kernel(bb, cpu_moe.grouped_down_kernel, experts, int(hidden), inter, vector_lanes,
                         cpu_moe.down_tile_rows(vector_lanes))
-        y = call(down_k, [h, down, offsets], ((slots, hidden), f32))
+        y = call(down_k, [h, down, rows, offsets], ((slots, hidden), f32))
         combine = kernel(bb, cpu_moe.combine_kernel, int(hidden), per_token, vector_lanes)
         routed = call(combine, [y, slot_of, routed_weights], ((tokens, hidden), f32))
 
