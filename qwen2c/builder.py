@@ -50,7 +50,7 @@ def build(
 
     from qwen2c.graphs.export import export_model, param_names
     from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.registry import TARGETS, runs_on_this_host
+    from qwen2c.targets.registry import TARGETS, linker_for, runs_on_this_host
     from qwen2c.targets.tvm.compile import compile_module
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
@@ -63,6 +63,7 @@ def build(
     if moe_dispatch not in MOE_DISPATCHES:
         raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
     spec = TARGETS.resolve(target)
+    linker = linker_for(spec)  # fails fast when the library could not be linked here
     engine_dir.check_destination(out, force)
     source = resolve_model(model)
     limit = source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)
@@ -86,7 +87,12 @@ def build(
     staging = engine_dir.make_staging(out)
     try:
         clock.step("writing the engine")
-        executable.export_library(str(staging / engine_dir.LIBRARY))
+        if linker is None:
+            executable.export_library(str(staging / engine_dir.LIBRARY))
+        else:
+            from tvm.contrib import cc
+
+            executable.export_library(str(staging / engine_dir.LIBRARY), fcompile=cc.cross_compiler(linker))
         params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
         cfg = dict(source.config)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")

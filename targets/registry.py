@@ -23,6 +23,8 @@ class TargetSpec:
     description: str
     vector_bits: int = 256
     cpu_features: tuple[str, ...] = ()  # /proc/cpuinfo flags the generated code uses
+    arch: str = "x86_64"  # the machine the code runs on, as platform.machine() names it
+    cross_compiler: str | None = None  # links the library when this machine is another arch
 
     def tvm_target(self):
         import tvm
@@ -76,6 +78,7 @@ TARGETS.register(TargetSpec(
 TARGETS.register(TargetSpec(
     "llvm-aarch64", "tvm", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "cpu",
     "64-bit Arm with NEON (Graviton, Ampere, Apple silicon under Linux)", 128, (),
+    arch="aarch64", cross_compiler="aarch64-linux-gnu-gcc",
 ))
 
 
@@ -98,6 +101,32 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return "aarch64" if machine in ("aarch64", "arm64") else machine
+
+
+def linker_for(spec: TargetSpec) -> str | None:
+    """The cross compiler that links ``spec``'s library here, or None when the host's own will do.
+
+    Raises BackendUnavailableError, before anything is built, when a cross compiler is needed and
+    is not on PATH.
+    """
+    import shutil
+
+    from qwen2c.errors import BackendUnavailableError
+
+    if spec.device != "cpu" or spec.arch == host_arch():
+        return None
+    if spec.cross_compiler and shutil.which(spec.cross_compiler):
+        return spec.cross_compiler
+    raise BackendUnavailableError(
+        f"target {spec.name} builds {spec.arch} code, and this machine is {host_arch()}: linking the engine's "
+        f"library needs the cross compiler {spec.cross_compiler or '(none known)'}, which is not on PATH. Install "
+        f"one (e.g. apt install gcc-aarch64-linux-gnu) or build on an {spec.arch} machine. Nothing was written."
+    )
 
 
 def runs_on_this_host(spec: TargetSpec) -> bool:

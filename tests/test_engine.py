@@ -195,3 +195,18 @@ def test_half_precision_is_refused_clearly_for_now(tmp_path):
     with pytest.raises(ConfigError, match="float16"):
         qwen2c.build("qwen2-tiny", "llvm", tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
+
+
+def test_cross_target_without_its_linker_fails_before_building(tmp_path, tiny_checkpoint, monkeypatch):
+    import shutil as _shutil
+
+    from qwen2c.errors import BackendUnavailableError
+
+    monkeypatch.setattr(_shutil, "which", lambda name, *a, **k: None)  # no cross compiler on PATH
+    import qwen2c.targets.registry as registry
+
+    if registry.host_arch() == "aarch64":
+        pytest.skip("needs a host that is not aarch64")
+    with pytest.raises(BackendUnavailableError, match="aarch64-linux-gnu-gcc.*Nothing was written"):
+        qwen2c.build(str(tiny_checkpoint), "llvm-aarch64", tmp_path / "arm")
+    assert not (tmp_path / "arm").exists()
