@@ -53,6 +53,11 @@ _EXPERT_PLUMBING = {
 }
 
 _ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate\.weight$")
+# A Qwen2-MoE sparse block's parameters, named inside the block (layers.N.mlp.<name>).
+_BLOCK_PARAMS = (
+    "gate.weight", "experts.gate_up_proj", "experts.down_proj", "shared_expert.gate_proj.weight",
+    "shared_expert.up_proj.weight", "shared_expert.down_proj.weight", "shared_expert_gate.weight",
+)
 
 
 @dataclasses.dataclass
@@ -174,14 +179,10 @@ class FuseMoe(GraphPass):
         # --- shared expert and its gate, found from the parameters of this layer ---
         prefix = name[: -len("gate.weight")]
         params = _layer_params(ctx, prefix)
-        missing = [p for p in ("experts.gate_up_proj", "experts.down_proj", "shared_expert.gate_proj.weight",
-                               "shared_expert.up_proj.weight", "shared_expert.down_proj.weight",
-                               "shared_expert_gate.weight") if p not in params]
+        missing = [p for p in _BLOCK_PARAMS if p not in params]
         if missing:
             return miss(f"the block has no {missing[0]} parameter (not a Qwen2-MoE sparse block)")
-        extra = sorted(set(params) - {"gate.weight", "experts.gate_up_proj", "experts.down_proj",
-                                      "shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
-                                      "shared_expert.down_proj.weight", "shared_expert_gate.weight"})
+        extra = sorted(set(params) - set(_BLOCK_PARAMS))
         if extra:
             return miss(f"the block has parameters the fused op does not compute: {extra}")
         gate_logit = _single_user(params["shared_expert_gate.weight"])
