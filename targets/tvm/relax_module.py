@@ -13,6 +13,8 @@ experts per token ([n, top_k] int64), as the traced program does.
 
 from __future__ import annotations
 
+import logging
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
@@ -21,7 +23,17 @@ from tvm.relax.utils import copy_with_new_vars
 
 from qwen2c.model_config import head_dim, rope_theta
 
+from qwen2c.schedules.cpu_attention import (
+    CACHE_PAGE_SIZE,
+    PAGED_PREFILL,
+    RAGGED_PREFILL,
+    paged_prefill_kernel,
+    ragged_prefill_kernel,
+)
+
 from .lower_ops import convert_map
+
+log = logging.getLogger(__name__)
 
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
 
@@ -51,7 +63,30 @@ def build_relax_module(program, config, dtype: str, target: tvm.target.Target, v
         seq = decode.params[0].ty.shape[1]  # the copy has its own symbolic variables
         decode = relax.transform.BindSymbolicVars({seq: 1})(tvm.IRModule({"decode": decode}))["decode"]
     out["decode"] = decode
-    return _add_kv_cache_creation(out, config, dtype, target)
+    out = _add_kv_cache_creation(out, config, dtype, target)
+    if target.kind.name == "llvm" and dtype == "float32":
+        out = _use_qwen2c_attention_kernels(out, config, vector_lanes)
+    return out
+
+
+def _use_qwen2c_attention_kernels(mod: tvm.IRModule, config, vector_lanes: int) -> tvm.IRModule:
+    """Swap the cache's CPU prefill kernels for qwen2c's parallel ones (same signatures and results)."""
+    heads = (config.num_key_value_heads, config.num_attention_heads, head_dim(config), vector_lanes)
+    replaced = set()
+    for gvar in mod.get_global_vars():
+        original = mod[gvar]
+        symbol = original.attrs.get("global_symbol") if isinstance(original, tirx.PrimFunc) and original.attrs else None
+        if symbol == RAGGED_PREFILL:
+            kernel = ragged_prefill_kernel(*heads)
+        elif symbol == PAGED_PREFILL:
+            kernel = paged_prefill_kernel(*heads, page_size=CACHE_PAGE_SIZE)
+        else:
+            continue
+        mod[gvar] = kernel.with_attr("global_symbol", symbol)
+        replaced.add(symbol)
+    if replaced != {RAGGED_PREFILL, PAGED_PREFILL}:  # TVM renamed its kernels: keep going on its own
+        log.warning("the KV cache's prefill kernels were not all found (%s); using TVM's", sorted(replaced))
+    return mod
 
 
 def _add_kv_cache_creation(mod: tvm.IRModule, config, dtype: str, target: tvm.target.Target) -> tvm.IRModule:

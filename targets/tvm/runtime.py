@@ -19,7 +19,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.runtime import ShapeTuple  # noqa: E402
 
-PAGE_SIZE = 16
+from qwen2c.schedules.cpu_attention import CACHE_PAGE_SIZE as PAGE_SIZE  # noqa: E402
 
 _add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
 _begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
