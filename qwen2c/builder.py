@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096
 SUPPORTED_DTYPES = ("float32",)
-MOE_DISPATCHES = ("sparse", "dense")
 
 
 def build(
@@ -52,6 +51,7 @@ def build(
     from qwen2c.graphs.pipeline import run_passes
     from qwen2c.targets.registry import TARGETS, linker_for, runs_on_this_host
     from qwen2c.targets.tvm.compile import compile_module
+    from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
     out = Path(out)
