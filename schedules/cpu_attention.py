@@ -23,6 +23,8 @@ import math
 
 from tvm.script import tirx as T
 
+from .cpu_moe import lanes_for
+
 # The global symbols of the TVM kernels these replace (see relax_module.py).
 RAGGED_PREFILL = "batch_prefill_ragged_kv"
 PAGED_PREFILL = "batch_prefill_paged_kv_cpu"
@@ -34,17 +36,10 @@ CACHE_PAGE_SIZE = 16
 LOG2E = math.log2(math.e)
 
 
-def _lanes(extent: int, vector: int) -> int:
-    lanes = 1
-    while lanes * 2 <= vector and extent % (lanes * 2) == 0:
-        lanes *= 2
-    return lanes
-
-
 def _attend(kv_heads: int, q_heads: int, head_dim: int, vector: int, paged: bool):
     """The per-(query, head) online softmax, as a macro over where keys and values live."""
     group = q_heads // kv_heads
-    V = _lanes(head_dim, vector)
+    V = lanes_for(head_dim, vector)
     DO = head_dim // V
 
     @T.macro

@@ -31,7 +31,7 @@ TILE_COLS = 4
 # requires one. Their scratch buffers are therefore root allocations (hoisted), indexed by task.
 
 
-def _lanes(extent: int, vector: int) -> int:
+def lanes_for(extent: int, vector: int) -> int:
     """The widest vector (a power of two, at most ``vector``) that divides ``extent``."""
     lanes = 1
     while lanes * 2 <= vector and extent % (lanes * 2) == 0:
@@ -174,7 +174,7 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
     gather = gather_top_k is not None
     E, KD, N = (T.int64(v) for v in (experts, k_dim, n_out))
     TOPK = T.int64(gather_top_k or 1)
-    V = T.int64(_lanes(k_dim, vector))
+    V = T.int64(lanes_for(k_dim, vector))
     TJ = T.int64(_cols(n_out))
     TI = T.int64(tile_rows)
     KO = T.int64(k_dim // int(V))
@@ -248,7 +248,7 @@ def combine_kernel(hidden: int, top_k: int, vector: int):
     """``(y[slots, H], slot_of[slots], weights[t, k]) -> out[t, H]``: each token's weighted expert sum,
     in the router's order (as transformers sums them)."""
     H, K = T.int64(hidden), T.int64(top_k)
-    V = T.int64(_lanes(hidden, vector))
+    V = T.int64(lanes_for(hidden, vector))
 
     @T.prim_func(private=True)
     def moe_combine(a: T.handle, so: T.handle, w: T.handle, c: T.handle):
