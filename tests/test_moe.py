@@ -189,8 +189,9 @@ def moe_engine(tmp_path_factory, moe_checkpoint):
              shared_expert_intermediate_size=40),
         dict(num_experts=5, num_experts_per_tok=1, moe_intermediate_size=8, shared_expert_intermediate_size=20,
              hidden_size=96, num_attention_heads=6, num_key_value_heads=2),
+        dict(num_experts=4, num_experts_per_tok=4, norm_topk_prob=True, num_hidden_layers=2),
     ],
-    ids=["e6-top3-norm-step2", "e16-top4-mlp-only-odd-widths", "e5-top1-wide"],
+    ids=["e6-top3-norm-step2", "e16-top4-mlp-only-odd-widths", "e5-top1-wide", "e4-top4-every-expert"],
 )
 def test_moe_checkpoints_match_transformers_step_by_step_with_routing(tmp_path, shape):
     from transformers import Qwen2MoeForCausalLM
