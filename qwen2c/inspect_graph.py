@@ -34,7 +34,7 @@ def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) ->
     with torch.no_grad():
         out = program.module()(torch.zeros((1, probe_tokens), dtype=torch.int64, device="meta"))
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-    expected = [(1, 1, config.vocab_size)] + [(probe_tokens, config.num_experts_per_tok)] * len(sparse)
+    expected = [(1, 1, config.vocab_size)] + [(probe_tokens, config.num_experts_per_tok) for _ in sparse]
     shapes = [tuple(o.shape) for o in outputs]
     if shapes != expected:
         raise PassCheckError(f"{model}: the rewritten program returns shapes {shapes}, expected {expected}.")
@@ -63,7 +63,8 @@ def _count_ops(program) -> Counter:
 
 def format_inspect(r: dict[str, Any]) -> str:
     lines = [
-        f"{r['model']}: {r['parameters'] / 1e9:.2f}B parameters ({r['active_parameters'] / 1e9:.2f}B active per token), "
+        f"{r['model']}: {r['parameters'] / 1e9:.2f}B parameters"
+        + (f" ({r['active_parameters'] / 1e9:.2f}B active per token)" if r["moe_layers"] else "") + ", "
         f"{r['float32_weights_gib']:.1f} GiB in float32; traced on meta tensors (no weights allocated)",
         f"  graph: {r['traced_nodes']} ops traced -> {r['rewritten_nodes']} after passes; fused: "
         + ", ".join(f"{k} x{v}" for k, v in sorted(r["fused_ops"].items())),

@@ -300,3 +300,12 @@ def test_a_decode_step_reads_only_the_experts_its_token_routes_to(tmp_path, moe_
         np.testing.assert_array_equal(got, want)  # the unrouted experts were never read
     else:
         assert np.isnan(got).all()  # the baseline computes all experts (NaN * 0 is NaN)
+
+
+def test_inspect_works_for_dense_models_too(tiny_checkpoint):
+    from qwen2c.inspect_graph import format_inspect, inspect_graph
+
+    report = inspect_graph(str(tiny_checkpoint))
+    assert report["moe_layers"] == [] and report["output_shapes"] == [(1, 1, 512)]
+    assert report["fused_ops"] == {"qwen2c.fused_attention": 2, "qwen2c.fused_rms_norm": 5}
+    assert "sparse MoE" not in format_inspect(report)
