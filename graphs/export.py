@@ -65,6 +65,10 @@ def capture_routing(model: torch.nn.Module, with_logits: bool = False):
 
 def export_model(model: torch.nn.Module, max_context: int) -> torch.export.ExportedProgram:
     """Export ``model`` (eval mode) as ``input_ids [1, seq] -> logits [1, 1, vocab]``."""
+    if routing_layers(model) and hasattr(model, "set_experts_implementation"):
+        # The experts as grouped matmuls: the form fuse_moe recognises. (The "eager" loop over experts
+        # does not export: its trip count depends on the data.) All implementations compute the same.
+        model.set_experts_implementation("grouped_mm")
     seq = torch.export.Dim("seq", min=1, max=max_context)
     # Example length >= 2: torch.export specialises sizes 0 and 1.
     example = torch.zeros((1, min(8, max_context)), dtype=torch.int64, device=_device_of(model))

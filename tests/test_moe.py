@@ -309,3 +309,12 @@ def test_inspect_works_for_dense_models_too(tiny_checkpoint):
     assert report["moe_layers"] == [] and report["output_shapes"] == [(1, 1, 512)]
     assert report["fused_ops"] == {"qwen2c.fused_attention": 2, "qwen2c.fused_rms_norm": 5}
     assert "sparse MoE" not in format_inspect(report)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_export_uses_the_experts_form_the_pass_recognises(implementation):
+    config, model = _model()
+    model.set_experts_implementation(implementation)  # e.g. chosen by the user's environment
+    program = export_model(model, 64)
+    reports = {r.name: r for r in run_passes(program, config, "float32")}
+    assert reports["fuse_moe"].fired == 3
