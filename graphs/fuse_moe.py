@@ -31,7 +31,7 @@ from torch import fx
 from qwen2c.errors import UnsupportedModelError
 from qwen2c.model_config import moe_layers
 
-from .pass_base import GraphPass, Miss, PassContext, PassReport, aten, call, is_op
+from .pass_base import GraphPass, Miss, PassContext, PassReport, arg, aten, call, is_op, op_name
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout)
@@ -72,15 +72,6 @@ class MoeMatch:
     out: fx.Node
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}"
-    if target in (operator.getitem, operator.mul, operator.floordiv, operator.add):
-        return f"operator.{target.__name__}"
-    return str(target)
-
-
 def _strip_views(node):
     while is_op(node, *_VIEWS):
         node = node.args[0]
@@ -91,11 +82,13 @@ def _users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not is_op(u, aten._assert_tensor_metadata.default)]
 
 
+def _bias_free_linear(node) -> bool:
+    return is_op(node, aten.linear.default) and arg(node, 2, "bias") is None
+
+
 def _linear_of(node, x_root) -> fx.Node | None:
     """The weight of ``node = linear(x, weight)`` (no bias) when x is a view of ``x_root``."""
-    if not is_op(node, aten.linear.default) or _strip_views(node.args[0]) is not x_root:
-        return None
-    if len(node.args) > 2 and node.args[2] is not None:
+    if not _bias_free_linear(node) or _strip_views(node.args[0]) is not x_root:
         return None
     return node.args[1]
 
@@ -153,7 +146,7 @@ class FuseMoe(GraphPass):
         if probs.meta["val"].dtype != torch.float32:
             return miss("router softmax is not computed in float32")
         logits = probs.args[0]
-        if not is_op(logits, aten.linear.default) or (len(logits.args) > 2 and logits.args[2] is not None):
+        if not _bias_free_linear(logits):
             return miss(f"router logits {logits} are not a bias-free linear layer")
         x_root = _strip_views(logits.args[0])
         router = logits.args[1]
@@ -257,10 +250,8 @@ def _is_sum_last(node, of: fx.Node) -> bool:
 
 
 def _check_swiglu_mlp(shared: fx.Node, x_root: fx.Node, params: dict[str, fx.Node]) -> str | None:
-    if not is_op(shared, aten.linear.default):
-        return f"{shared} is not a linear layer"
-    if shared.args[1] is not params["shared_expert.down_proj.weight"] or (len(shared.args) > 2 and shared.args[2] is not None):
-        return "its output is not down_proj(...) without bias"
+    if not _bias_free_linear(shared) or shared.args[1] is not params["shared_expert.down_proj.weight"]:
+        return f"its output {shared} is not down_proj(...) without bias"
     act = shared.args[0]
     if not is_op(act, aten.mul.Tensor):
         return f"{act} is not silu(gate_proj(x)) * up_proj(x)"
@@ -291,7 +282,7 @@ def _expert_region(routed: fx.Node, boundary: set[fx.Node], x_root, params) -> t
             continue  # a shape read; its input is not part of the block
         region.add(n)
         todo.extend(n.all_input_nodes)
-    names = {n: _op_name(n) for n in region}
+    names = {n: op_name(n) for n in region}
     grouped = [n for n, name in names.items() if name in _GROUPED_MM_NAMES]
     other = sorted({name for n, name in names.items() if name not in _EXPERT_PLUMBING and n not in grouped})
     if other:
@@ -308,9 +299,8 @@ def _expert_region(routed: fx.Node, boundary: set[fx.Node], x_root, params) -> t
     problem = _check_expert_swiglu(silus[0], first)
     if problem:
         return region, problem
-    # Only the block's own input may be gathered into the experts.
-    inputs = {a for n in region for a in n.all_input_nodes if a in boundary and a.op != "placeholder"}
-    if x_root not in inputs and not any(_strip_views(a) is x_root for n in region for a in n.all_input_nodes):
+    # The experts' tokens are gathered from the block's own input.
+    if not any(_strip_views(a) is x_root for n in region for a in n.all_input_nodes):
         return region, "its tokens are not gathered from the block input"
     return region, None
 
@@ -327,7 +317,7 @@ def _check_expert_swiglu(silu: fx.Node, gate_up: fx.Node) -> str | None:
     chunk = half.args[0] if is_op(half, operator.getitem) else None
     if not is_op(chunk, aten.chunk.default) or chunk.args[0] is not gate_up or half.args[1] != 0 or chunk.args[1] != 2:
         return "silu is not applied to the first half of the gate_up projection"
-    if chunk.args[2 if len(chunk.args) > 2 else 1] not in (-1, 1) and chunk.kwargs.get("dim", -1) not in (-1, 1):
+    if arg(chunk, 2, "dim", 0) not in (-1, 1):
         return "the gate_up projection is not split along its features"
     product = _single_user(silu)
     other = None

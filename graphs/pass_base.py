@@ -99,6 +99,16 @@ def is_op(node: Any, *targets: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def op_name(node: fx.Node) -> str:
+    """'namespace.op' for an ATen/custom op (overload dropped), 'operator.x' for Python operators."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}"
+    if getattr(target, "__module__", None) == "_operator":
+        return f"operator.{target.__name__}"
+    return str(target)
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """A call's argument by position or keyword, as the schema allows either."""
     if len(node.args) > index:

@@ -43,12 +43,6 @@ def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 
     def engine_prefill():
         engine.session().prefill(prompt)
 
-    def engine_decode():
-        s = engine.session()
-        logits = s.prefill(prompt[:8])
-        for _ in range(decode_tokens):
-            logits = s.decode(int(np.argmax(logits)))
-
     def eager_prefill():
         with torch.no_grad():
             model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
@@ -68,7 +62,8 @@ def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 
             "engine_prefill": _median_time(engine_prefill, repeats),
             "eager_prefill": _median_time(eager_prefill, repeats),
             # Decode time excludes the 8-token prefill that starts each run.
-            "engine_decode": _median_time(engine_decode, repeats) - _median_time(prefill_short, repeats),
+            "engine_decode": _median_time(lambda: _decode_run(engine, prompt[:8], decode_tokens), repeats)
+            - _median_time(prefill_short, repeats),
             "eager_decode": _median_time(eager_decode, repeats) - _median_time(eager_prefill_short, repeats),
         }
     result = {

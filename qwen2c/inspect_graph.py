@@ -55,10 +55,9 @@ def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) ->
 
 
 def _count_ops(program) -> Counter:
-    return Counter(
-        f"{n.target.namespace}.{n.target._opname}" if isinstance(n.target, torch._ops.OpOverload) else str(n.target)
-        for n in program.graph.nodes if n.op == "call_function"
-    )
+    from qwen2c.graphs.pass_base import op_name
+
+    return Counter(op_name(n) for n in program.graph.nodes if n.op == "call_function")
 
 
 def format_inspect(r: dict[str, Any]) -> str:

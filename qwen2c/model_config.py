@@ -39,11 +39,7 @@ def validate_config_dict(cfg: dict[str, Any], source: str) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} models. Point --model at a Qwen2 checkpoint or use a preset."
         )
     for field in _REQUIRED_INT_FIELDS:
-        value = cfg.get(field)
-        if value is None:
-            raise ConfigError(f"{source}: required field {field!r} is missing.")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{source}: field {field!r} must be a positive integer, got {value!r}.")
+        _require_positive_int(cfg, field, source, "required field")
     hidden, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     if cfg.get("head_dim") is not None and cfg["head_dim"] * heads != hidden:
         raise ConfigError(
@@ -82,13 +78,17 @@ def validate_config_dict(cfg: dict[str, Any], source: str) -> None:
         _validate_moe(cfg, source)
 
 
+def _require_positive_int(cfg: dict[str, Any], field: str, source: str, kind: str) -> None:
+    value = cfg.get(field)
+    if value is None:
+        raise ConfigError(f"{source}: {kind} {field!r} is missing.")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{source}: field {field!r} must be a positive integer, got {value!r}.")
+
+
 def _validate_moe(cfg: dict[str, Any], source: str) -> None:
     for field in _MOE_INT_FIELDS:
-        value = cfg.get(field)
-        if value is None:
-            raise ConfigError(f"{source}: qwen2_moe field {field!r} is missing.")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{source}: field {field!r} must be a positive integer, got {value!r}.")
+        _require_positive_int(cfg, field, source, "qwen2_moe field")
     if cfg["num_experts_per_tok"] > cfg["num_experts"]:
         raise ConfigError(
             f"{source}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds num_experts {cfg['num_experts']}."

@@ -24,7 +24,7 @@ import math
 
 from tvm.script import tirx as T
 
-TILE_COLS = 4
+from .cpu_matmul import TILE_COLS
 
 # _ROOT_BLOCK: kernels with a single tensor input are written inside a root block, because Relax's
 # RewriteDataflowReshape inspects every one-input call_tir for a reshape pattern and that analysis
@@ -272,9 +272,8 @@ def combine_kernel(hidden: int, top_k: int, vector: int):
 
 
 def swiglu_tile_rows(vector: int) -> int:
-    """Rows per tile of the SwiGLU kernel: 2 * TI * TJ vector accumulators must fit the registers."""
+    """Rows per tile of the SwiGLU kernel: 2 * TI * TJ vector accumulators must fit the registers.
+
+    (The down projection has TI * TJ, like a linear layer: it uses ``cpu_matmul.tile_rows``.)
+    """
     return 2 if vector >= 16 else 1
-
-
-def down_tile_rows(vector: int) -> int:
-    return 4 if vector >= 16 else 2

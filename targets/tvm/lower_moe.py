@@ -15,6 +15,7 @@ from torch import fx
 from tvm import relax
 
 from qwen2c.schedules import cpu_moe
+from qwen2c.schedules.cpu_matmul import tile_rows
 
 MOE_DISPATCHES = ("sparse", "dense")
 
@@ -61,7 +62,7 @@ def lower_moe(node: fx.Node, importer, kernel, vector_lanes: int, moe_dispatch: 
                     cpu_moe.swiglu_tile_rows(vector_lanes))
     h = call(swiglu, [x, gate_up, rows, offsets], ((slots, inter), f32))
     down_k = kernel(cpu_moe.grouped_down_kernel, experts, int(hidden), inter, vector_lanes,
-                    cpu_moe.down_tile_rows(vector_lanes))
+                    tile_rows(vector_lanes))
     y = call(down_k, [h, down, rows, offsets], ((slots, hidden), f32))
     combine = kernel(cpu_moe.combine_kernel, int(hidden), per_token, vector_lanes)
     routed = call(combine, [y, slot_of, routed_weights], ((tokens, hidden), f32))
