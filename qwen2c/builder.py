@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, engine_dir
-from .checkpoint import load_reference, resolve_model
+from .checkpoint import checkpoint_dtype, load_reference, resolve_model
 from .errors import ConfigError, ParityError
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
@@ -25,22 +25,25 @@ from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096
-SUPPORTED_DTYPES = ("float32",)
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def build(
     model: str,
     target: str,
     out: str | Path,
-    dtype: str = "float32",
+    dtype: str | None = None,
     max_context: int | None = None,
     force: bool = False,
     parity_steps: int = DEFAULT_DECODE_STEPS,
     moe_dispatch: str = "sparse",
+    arch: str | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
+    ``dtype``: weights and activations; None takes the target's default (CPU: float32; GPU: the
+    checkpoint's, bfloat16 for presets). ``arch`` (GPU targets): comma-separated architectures.
     ``moe_dispatch`` (MoE models): "sparse" computes each token's routed experts only; "dense" runs
     every expert on every token, weighted 0 where unrouted (a baseline for benchmarks).
     """
@@ -51,21 +54,22 @@ def build(
     from qwen2c.graphs.pipeline import run_passes
     from qwen2c.targets.registry import TARGETS, linker_for, runs_on_this_host
     from qwen2c.targets.tvm.compile import compile_module
+    from qwen2c.targets.tvm.device_code import check_device_toolchain, write_library
     from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
     out = Path(out)
-    if dtype not in SUPPORTED_DTYPES:
-        raise ConfigError(
-            f"--dtype {dtype!r} is not supported yet: the TVM CPU backend builds {', '.join(SUPPORTED_DTYPES)} "
-            "engines (half-precision traces keep RoPE casts the attention pass does not match yet)."
-        )
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: qwen2c builds {', '.join(SUPPORTED_DTYPES)} engines.")
     if moe_dispatch not in MOE_DISPATCHES:
         raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
-    spec = TARGETS.resolve(target)
+    spec = TARGETS.resolve(target, arch)
     linker = linker_for(spec)  # fails fast when the library could not be linked here
+    check_device_toolchain(spec)  # likewise for device code (nvcc for CUDA, ld.lld for ROCm)
     engine_dir.check_destination(out, force)
     source = resolve_model(model)
+    if dtype is None:
+        dtype = checkpoint_dtype(source) if spec.default_dtype == "checkpoint" else spec.default_dtype
     limit = source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)
     max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
     if not 2 <= max_context <= limit:
@@ -73,7 +77,10 @@ def build(
 
     clock = _Clock(progress)
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
-    config, reference = load_reference(source, dtype)
+    # Copies of the weights held at once: the reference and the engine (and, for half-precision
+    # parity, the reference's float32 copy, twice the bytes).
+    copies = (2.2 if dtype == "float32" else 4.2) if runs_on_this_host(spec) else 1.2
+    config, reference = load_reference(source, dtype, copies=copies)
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
     program = export_model(reference, max_context)
     clock.step("running graph passes (each checked against its input in PyTorch)")
@@ -81,18 +88,13 @@ def build(
     for r in reports:
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
     clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
-    module = build_relax_module(program, config, dtype, spec.tvm_target(), spec.vector_bits // 32, moe_dispatch)
+    module = build_relax_module(program, config, dtype, moe_dispatch)
     executable = compile_module(module, spec)
 
     staging = engine_dir.make_staging(out)
     try:
         clock.step("writing the engine")
-        if linker is None:
-            executable.export_library(str(staging / engine_dir.LIBRARY))
-        else:
-            from tvm.contrib import cc
-
-            executable.export_library(str(staging / engine_dir.LIBRARY), fcompile=cc.cross_compiler(linker))
+        device_code = write_library(executable, spec, staging / engine_dir.LIBRARY, linker, progress)
         params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
         cfg = dict(source.config)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -101,6 +103,7 @@ def build(
             "model": {"source": source.name, "preset": source.is_preset, "config": cfg,
                       "parameters": source.param_count()},
             "target": spec.to_json(),
+            "device_code": device_code,
             "backend": spec.backend,
             "dtype": dtype,
             "max_context": max_context,
@@ -117,7 +120,9 @@ def build(
             from .runtime import Engine
 
             clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
-            report = check_parity(Engine(staging), reference, dtype, decode_steps=parity_steps)
+            engine = Engine(staging)
+            report = check_parity(engine, reference, dtype, decode_steps=parity_steps)
+            del engine
             progress(format_report(report))
             if not report["passed"]:
                 raise ParityError(
@@ -126,7 +131,10 @@ def build(
                 )
             manifest["parity"] = report
         else:
-            progress(f"    parity skipped: {spec.name} engines do not run on this machine; run `qwen2c verify` where they do")
+            manifest["parity"] = f"not run (no {spec.device} device)" if spec.device != "cpu" else \
+                f"not run ({spec.name} code does not run on this machine)"
+            progress(f"    parity not run: {spec.name} engines do not run on this machine; `qwen2c verify` where they do "
+                     "records it in the manifest")
         engine_dir.write_manifest(staging, manifest)
         engine_dir.publish(staging, out, force)
     finally:

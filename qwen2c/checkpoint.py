@@ -105,8 +105,15 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
                hint=f"`qwen2c inspect --model {source.name}` traces and rewrites it at full size without weights.")
     torch_dtype = TORCH_DTYPES[dtype]
     if source.is_preset:
+        # Drawn directly in the dtype (no float32 copy); RoPE's inv_freq stays float32 as
+        # from_pretrained leaves it, since transformers computes it in float32 explicitly.
         torch.manual_seed(presets.SEED)
-        model = model_class(config).to(torch_dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)
+        try:
+            model = model_class(config)
+        finally:
+            torch.set_default_dtype(default)
         return config, model.eval()
     try:
         model, info = model_class.from_pretrained(
@@ -119,6 +126,22 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
         raise ConfigError(f"{source.checkpoint}: the weights do not match config.json ({detail}).")
     return model.config, model.eval()
+
+
+def checkpoint_dtype(source: ModelSource) -> str:
+    """The dtype the checkpoint's weights are stored in (config.json's ``dtype``/``torch_dtype``).
+
+    Presets stand for the published checkpoints, which are bfloat16.
+    """
+    if source.is_preset:
+        return "bfloat16"
+    stored = source.config.get("dtype") or source.config.get("torch_dtype") or "float32"
+    if stored not in TORCH_DTYPES:
+        raise ConfigError(
+            f"{source.checkpoint}/config.json: dtype {stored!r} is not one qwen2c builds "
+            f"({', '.join(TORCH_DTYPES)}); pass --dtype explicitly."
+        )
+    return stored
 
 
 def _classes(cfg: dict[str, Any]):

@@ -21,10 +21,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", required=True,
                    help="checkpoint directory (config.json + *.safetensors) or preset: qwen2-tiny, qwen2-0.5b, "
                         "qwen2-1.5b, qwen2-7b, qwen2-72b, qwen2-moe-tiny, qwen2-57b-a14b")
-    b.add_argument("--target", default="llvm", help="compile target (default: llvm, this machine's CPU)")
+    b.add_argument("--target", default="llvm",
+                   help="compile target (default: llvm, this machine's CPU; cuda, rocm, metal, opencl, ...: "
+                        "`qwen2c targets` lists them)")
+    b.add_argument("--arch", default=None,
+                   help="GPU architectures, comma-separated (cuda: sm_75, sm_80, sm_86, sm_89, sm_90, default sm_90, "
+                        "several go into one fatbin; rocm: gfx90a, gfx942)")
     b.add_argument("-o", "--output", required=True, help="engine directory to create")
-    b.add_argument("--dtype", default="float32",
-                   help="weight and activation dtype (float32; float16/bfloat16 are refused until supported)")
+    b.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="weight and activation dtype (default: float32 on CPUs; on GPUs the checkpoint's, "
+                        "bfloat16 for presets)")
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the engine serves (default 4096)")
     b.add_argument("--parity-steps", type=int, default=8, help="decode steps compared with transformers (default 8)")
     b.add_argument("--force", action="store_true", help="replace an existing engine (only once the new one is complete)")
@@ -85,9 +91,9 @@ def _build(args) -> int:
 
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
-                     progress=_progress)
+                     arch=args.arch, progress=_progress)
     parity = manifest["parity"]
-    status = "parity PASS" if parity else "parity not checked on this machine"
+    status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
     return 0
 

@@ -7,7 +7,8 @@ scalar loop nests, and the paged one visits every slot of the cache's capacity f
 (max_context x queries x heads): measured 5.9 ms per layer for 128 tokens of qwen2-0.5b, a fifth
 of its prefill. (It also indexes a one-element rescale buffer by the head dimension.)
 
-These have the same signatures and results (output, and lse in log2 units), computed with an
+These have the same signatures and results (output, and lse in log2 units; q, k, v and output in
+the cache's dtype, everything inside in float32), computed with an
 online softmax: one task per (query, head), keeping only its running max, denominator and a
 [head_dim] accumulator, over only the keys the causal mask lets it see (TVM's weights the others
 by exp2(-5e4 ...), i.e. by zero). An empty key range gives output 0 and lse -5e4, as TVM's.
@@ -36,7 +37,7 @@ CACHE_PAGE_SIZE = 16
 LOG2E = math.log2(math.e)
 
 
-def _attend(kv_heads: int, q_heads: int, head_dim: int, vector: int, paged: bool):
+def _attend(kv_heads: int, q_heads: int, head_dim: int, vector: int, paged: bool, dtype: str):
     """The per-(query, head) online softmax, as a macro over where keys and values live."""
     group = q_heads // kv_heads
     V = lanes_for(head_dim, vector)
@@ -57,10 +58,11 @@ def _attend(kv_heads: int, q_heads: int, head_dim: int, vector: int, paged: bool
             for do in range(DO):
                 for lane in T.vectorized(V):
                     if paged:
-                        dot[lane] = dot[lane] + q[row, h, do * V + lane] * keys[
-                            page_values[kv_base + j // page_size], 0, h // group, j % page_size, do * V + lane]
+                        dot[lane] = dot[lane] + T.Cast("float32", q[row, h, do * V + lane]) * T.Cast("float32", keys[
+                            page_values[kv_base + j // page_size], 0, h // group, j % page_size, do * V + lane])
                     else:
-                        dot[lane] = dot[lane] + q[row, h, do * V + lane] * keys[kv_base + j, h // group, do * V + lane]
+                        dot[lane] = dot[lane] + T.Cast("float32", q[row, h, do * V + lane]) * T.Cast(
+                            "float32", keys[kv_base + j, h // group, do * V + lane])
             state[2] = T.float32(0)
             for lane in range(V):
                 state[2] = state[2] + dot[lane]
@@ -72,20 +74,20 @@ def _attend(kv_heads: int, q_heads: int, head_dim: int, vector: int, paged: bool
             state[1] = state[1] * state[3] + state[2]
             for d in T.vectorized(head_dim):
                 if paged:
-                    acc[d] = acc[d] * state[3] + state[2] * values[
-                        page_values[kv_base + j // page_size], 1, h // group, j % page_size, d]
+                    acc[d] = acc[d] * state[3] + state[2] * T.Cast("float32", values[
+                        page_values[kv_base + j // page_size], 1, h // group, j % page_size, d])
                 else:
-                    acc[d] = acc[d] * state[3] + state[2] * values[kv_base + j, h // group, d]
+                    acc[d] = acc[d] * state[3] + state[2] * T.Cast("float32", values[kv_base + j, h // group, d])
         for d in T.vectorized(head_dim):
-            output[row, h, d] = acc[d] / state[1]
+            output[row, h, d] = T.Cast(dtype, acc[d] / state[1])
         lse[row, h] = state[0] + T.log2(state[1])
 
     return attend
 
 
-def ragged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int):
+def ragged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, dtype: str = "float32"):
     """Causal attention of a chunk's queries over the chunk's own keys (TVM's batch_prefill_ragged_kv)."""
-    attend = _attend(kv_heads, q_heads, head_dim, vector, paged=False)
+    attend = _attend(kv_heads, q_heads, head_dim, vector, paged=False, dtype=dtype)
     HQ = T.int32(q_heads)
 
     @T.prim_func(private=True)
@@ -113,14 +115,14 @@ def ragged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: in
         kv_indptr_elem_offset = T.int32()
         q_rope_position_elem_offset = T.int32()
         k_rope_pos_offset_elem_offset = T.int32()
-        q = T.match_buffer(var_q, (qo_len, q_heads, head_dim), "float32")
+        q = T.match_buffer(var_q, (qo_len, q_heads, head_dim), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
-        k = T.match_buffer(var_k, (kv_len, kv_heads, head_dim), "float32")
-        v = T.match_buffer(var_v, (kv_len, kv_heads, head_dim), "float32")
+        k = T.match_buffer(var_k, (kv_len, kv_heads, head_dim), dtype)
+        v = T.match_buffer(var_v, (kv_len, kv_heads, head_dim), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
         T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_position_elem_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
-        output = T.match_buffer(var_output, (qo_len, q_heads, head_dim), "float32")
+        output = T.match_buffer(var_output, (qo_len, q_heads, head_dim), dtype)
         lse = T.match_buffer(var_lse, (qo_len, q_heads), "float32")
         assert rotary_mode == 0, "qwen2c's prefill attention expects q and k rotated before attention"
         for b in range(batch_size):
@@ -135,9 +137,10 @@ def ragged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: in
     return batch_prefill_ragged_kv
 
 
-def paged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_size: int):
+def paged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_size: int,
+                         dtype: str = "float32"):
     """Causal attention of a chunk's queries over a sequence's pages (TVM's batch_prefill_paged_kv_cpu)."""
-    attend = _attend(kv_heads, q_heads, head_dim, vector, paged=True)
+    attend = _attend(kv_heads, q_heads, head_dim, vector, paged=True, dtype=dtype)
     HQ = T.int32(q_heads)
     PAGE = T.int32(page_size)
 
@@ -170,14 +173,14 @@ def paged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int
         k_rope_pos_offset_elem_offset = T.int32()
         q_rope_position_elem_offset = T.int32()
         length_info_elem_offset = T.int32()
-        q = T.match_buffer(var_q, (total_len, q_heads, head_dim), "float32")
+        q = T.match_buffer(var_q, (total_len, q_heads, head_dim), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, kv_heads, page_size, head_dim), "float32")
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, kv_heads, page_size, head_dim), dtype)
         page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
         page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
         T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
         T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
-        output = T.match_buffer(var_output, (total_len, q_heads, head_dim), "float32")
+        output = T.match_buffer(var_output, (total_len, q_heads, head_dim), dtype)
         lse = T.match_buffer(var_lse, (total_len, q_heads), "float32")
         last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
         assert rotary_mode == 0, "qwen2c's prefill attention expects q and k rotated before attention"

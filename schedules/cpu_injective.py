@@ -49,7 +49,11 @@ class Injective(CPUScheduleRule):
         task, lane = sch.split(fused, [None, self.lanes])
         outer, _inner = sch.split(task, [None, TASK_ELEMENTS // self.lanes])
         sch.parallel(outer)
-        sch.vectorize(lane)
+        # TVM 0.27's vectorizer rejects a Let whose value the bfloat16 legalizer rewrote ("Let cannot
+        # bind the same var to two different values": the KV cache's RoPE kernel in bfloat16), so
+        # functions with a Let stay parallel but scalar.
+        if "T.Let(" not in func.script():
+            sch.vectorize(lane)
         return sch
 
 

@@ -22,17 +22,22 @@ from tvm.script import tirx as T
 TILE_COLS = 4
 
 
-def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int = TILE_COLS):
-    """A PrimFunc ``(x[1, m, k], w[n, k]) -> y[1, m, n]`` in float32."""
+def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int = TILE_COLS,
+                     dtype: str = "float32"):
+    """A PrimFunc ``(x[1, m, k], w[n, k]) -> y[1, m, n]`` in ``dtype``, accumulated in float32.
+
+    Half-precision inputs are widened to float32 as they are loaded (a shift for bfloat16, F16C
+    for float16), so a decode step streams half the bytes and sums as exactly as torch does.
+    """
     K, N, TI, TJ, V = (T.int64(v) for v in (k, n, tile_rows, tile_cols, vector))
     KO = T.int64(k // vector)
 
     @T.prim_func(private=True)
-    def nt_matmul(a: T.handle, w: T.Buffer((N, K), "float32"), c: T.handle):
+    def nt_matmul(a: T.handle, w: T.Buffer((N, K), dtype), c: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
-        A = T.match_buffer(a, (T.int64(1), m, K), "float32")
-        C = T.match_buffer(c, (T.int64(1), m, N), "float32")
+        A = T.match_buffer(a, (T.int64(1), m, K), dtype)
+        C = T.match_buffer(c, (T.int64(1), m, N), dtype)
         for jo in T.parallel(N // TJ):
             for io in range((m + TI - T.int64(1)) // TI):
                 acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
@@ -44,17 +49,17 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
                     for ii in T.unroll(TI):
                         for jj in T.unroll(TJ):
                             for v in T.vectorized(V):
-                                acc[ii, jj, v] = acc[ii, jj, v] + A[
+                                acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", A[
                                     T.int64(0), T.min(io * TI + ii, m - T.int64(1)), ko * V + v
-                                ] * w[jo * TJ + jj, ko * V + v]
+                                ]) * T.Cast("float32", w[jo * TJ + jj, ko * V + v])
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.float32(0)
+                            total = T.alloc_buffer((1,), "float32", scope="local")
+                            total[0] = T.float32(0)
                             for v in range(V):
-                                C[T.int64(0), io * TI + ii, jo * TJ + jj] = (
-                                    C[T.int64(0), io * TI + ii, jo * TJ + jj] + acc[ii, jj, v]
-                                )
+                                total[0] = total[0] + acc[ii, jj, v]
+                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, total[0])
 
     return nt_matmul
 
@@ -67,8 +72,11 @@ def tile_rows(vector: int) -> int:
     return 4 if vector >= 16 else 2
 
 
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def _fits(x_ty, w_ty, vector: int) -> bool:
-    if x_ty.dtype != "float32" or w_ty.dtype != "float32" or x_ty.ndim != 3 or w_ty.ndim != 2:
+    if x_ty.dtype not in KERNEL_DTYPES or w_ty.dtype != x_ty.dtype or x_ty.ndim != 3 or w_ty.ndim != 2:
         return False
     batch, _, k = x_ty.shape
     n, wk = w_ty.shape
@@ -105,10 +113,12 @@ def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
         k, n = int(w_ty.shape[1]), int(w_ty.shape[0])
         # One row (decode): a row tile of 1, so no work is spent on clamped duplicate rows.
         rows = 1 if isinstance(x_ty.shape[1], tvm.tirx.IntImm) and int(x_ty.shape[1]) == 1 else tile_rows(vector)
-        key = (k, n, rows)
+        dtype = x_ty.dtype
+        key = (k, n, rows, dtype)
         if key not in kernels:
-            kernels[key] = bb.add_func(nt_matmul_kernel(k, n, vector, rows), f"nt_matmul_k{k}_n{n}_r{rows}")
-        out_ty = relax.TensorType([1, x_ty.shape[1], n], "float32")
+            kernels[key] = bb.add_func(nt_matmul_kernel(k, n, vector, rows, dtype=dtype),
+                                       f"nt_matmul_k{k}_n{n}_r{rows}_{dtype}")
+        out_ty = relax.TensorType([1, x_ty.shape[1], n], dtype)
         return relax.call_tir(kernels[key], [matches[x], matches[w]], out_ty)
 
     for gv, func in list(mod.functions_items()):

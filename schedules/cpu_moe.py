@@ -43,7 +43,7 @@ def _cols(extent: int) -> int:
     return math.gcd(extent, TILE_COLS)
 
 
-def route_kernel(experts: int, top_k: int, norm_topk_prob: bool):
+def route_kernel(experts: int, top_k: int, norm_topk_prob: bool, dtype: str = "float32"):
     """``(logits[t, E]) -> (weights[t, k] f32, experts[t, k] i32)``: softmax in float32, top-k.
 
     Experts come highest weight first; ties go to the lower expert index.
@@ -54,7 +54,7 @@ def route_kernel(experts: int, top_k: int, norm_topk_prob: bool):
     def moe_route(a: T.handle, w: T.handle, i: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         t = T.int64()
-        logits = T.match_buffer(a, (t, E), "float32")
+        logits = T.match_buffer(a, (t, E), dtype)
         weights = T.match_buffer(w, (t, K), "float32")
         chosen = T.match_buffer(i, (t, K), "int32")
         with T.sblock("root"):
@@ -63,12 +63,12 @@ def route_kernel(experts: int, top_k: int, norm_topk_prob: bool):
             stat = T.alloc_buffer((t, 2), "float32")
             best = T.alloc_buffer((t,), "int32")
             for n in T.parallel(t):
-                stat[n, 0] = logits[n, 0]
+                stat[n, 0] = T.Cast("float32", logits[n, 0])
                 for e in range(E):
-                    stat[n, 0] = T.max(stat[n, 0], logits[n, e])
+                    stat[n, 0] = T.max(stat[n, 0], T.Cast("float32", logits[n, e]))
                 stat[n, 1] = T.float32(0)
                 for e in range(E):
-                    probs[n, e] = T.exp(logits[n, e] - stat[n, 0])
+                    probs[n, e] = T.exp(T.Cast("float32", logits[n, e]) - stat[n, 0])
                     stat[n, 1] = stat[n, 1] + probs[n, e]
                 for e in range(E):
                     probs[n, e] = probs[n, e] / stat[n, 1]
@@ -146,23 +146,27 @@ def group_kernel(experts: int):
 
 
 def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vector: int, tile_rows: int,
-                          col_block: int = 16):
+                          col_block: int = 16, dtype: str = "float32"):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]``.
 
     Row p of h is expert e's SwiGLU of token rows[p] // k, for offsets[e] <= p < offsets[e + 1].
-    Gate and up rows of a column tile are accumulated together, so h is written once.
+    Gate and up rows of a column tile are accumulated together, so h is written once. x and the
+    weights are in ``dtype``; h is float32.
     """
-    return _grouped_kernel(experts, hidden, inter, vector, tile_rows, col_block, gather_top_k=top_k, swiglu=True)
+    return _grouped_kernel(experts, hidden, inter, vector, tile_rows, col_block, gather_top_k=top_k, swiglu=True,
+                           x_dtype=dtype, w_dtype=dtype)
 
 
-def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = 16):
+def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = 16,
+                        dtype: str = "float32"):
     """``(h[slots, I], down[E, H, I], rows[slots], offsets[E + 1]) -> y[slots, H]``: each row of h by its
     expert's down_proj (h is already in expert order; ``rows`` is unused, kept for one signature)."""
-    return _grouped_kernel(experts, inter, hidden, vector, tile_rows, col_block, gather_top_k=None, swiglu=False)
+    return _grouped_kernel(experts, inter, hidden, vector, tile_rows, col_block, gather_top_k=None, swiglu=False,
+                           x_dtype="float32", w_dtype=dtype)
 
 
 def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows: int, col_block: int,
-                    gather_top_k: int | None, swiglu: bool):
+                    gather_top_k: int | None, swiglu: bool, x_dtype: str, w_dtype: str):
     """One grouped NT matmul: out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e.
 
     Tiles are TI rows x TJ columns of vector accumulators along the reduction (TI * TJ, twice that
@@ -197,13 +201,16 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
                 for jj in T.unroll(TJ):
                     for v in T.vectorized(V):
                         if gather:
-                            acc[ii, jj, v] = acc[ii, jj, v] + x[
-                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v] * w[e, jo * TJ + jj, ko * V + v]
+                            acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", x[
+                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v]) * T.Cast(
+                                    "float32", w[e, jo * TJ + jj, ko * V + v])
                         else:
-                            acc[ii, jj, v] = acc[ii, jj, v] + x[first + ii, ko * V + v] * w[e, jo * TJ + jj, ko * V + v]
+                            acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", x[first + ii, ko * V + v]) * T.Cast(
+                                "float32", w[e, jo * TJ + jj, ko * V + v])
                         if swiglu:
-                            acc_up[ii, jj, v] = acc_up[ii, jj, v] + x[
-                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v] * w[e, N + jo * TJ + jj, ko * V + v]
+                            acc_up[ii, jj, v] = acc_up[ii, jj, v] + T.Cast("float32", x[
+                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v]) * T.Cast(
+                                    "float32", w[e, N + jo * TJ + jj, ko * V + v])
         for ii in range(nrows):
             for jj in range(TJ):
                 sums = T.alloc_buffer((2,), "float32", scope="local")
@@ -219,11 +226,11 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
                     out[first + ii, jo * TJ + jj] = sums[0]
 
     @T.prim_func(private=True)
-    def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), "float32"), r: T.handle,
+    def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), w_dtype), r: T.handle,
                            off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         t, s = T.int64(), T.int64()
-        x = T.match_buffer(a, (t, KD), "float32")
+        x = T.match_buffer(a, (t, KD), x_dtype)
         rows = T.match_buffer(r, (s,), "int32")
         out = T.match_buffer(c, (s, N), "float32")
         for jb in T.parallel(T.int64(tiles) // JB):
@@ -244,9 +251,9 @@ def _block(tiles: int, col_block: int) -> int:
     return max(d for d in range(1, min(tiles, col_block) + 1) if tiles % d == 0)
 
 
-def combine_kernel(hidden: int, top_k: int, vector: int):
+def combine_kernel(hidden: int, top_k: int, vector: int, dtype: str = "float32"):
     """``(y[slots, H], slot_of[slots], weights[t, k]) -> out[t, H]``: each token's weighted expert sum,
-    in the router's order (as transformers sums them)."""
+    in the router's order (as transformers sums them), accumulated in float32, written in ``dtype``."""
     H, K = T.int64(hidden), T.int64(top_k)
     V = T.int64(lanes_for(hidden, vector))
 
@@ -257,16 +264,17 @@ def combine_kernel(hidden: int, top_k: int, vector: int):
         y = T.match_buffer(a, (s, H), "float32")
         slot_of = T.match_buffer(so, (s,), "int32")
         weights = T.match_buffer(w, (t, K), "float32")
-        out = T.match_buffer(c, (t, H), "float32")
+        out = T.match_buffer(c, (t, H), dtype)
         for n in T.parallel(t):
             for ho in range(H // V):
+                acc = T.alloc_buffer((V,), "float32", scope="local")
                 for v in T.vectorized(V):
-                    out[n, ho * V + v] = T.float32(0)
+                    acc[v] = T.float32(0)
                 for j in range(K):
                     for v in T.vectorized(V):
-                        out[n, ho * V + v] = out[n, ho * V + v] + weights[n, j] * y[
-                            T.Cast("int64", slot_of[n * K + j]), ho * V + v
-                        ]
+                        acc[v] = acc[v] + weights[n, j] * y[T.Cast("int64", slot_of[n * K + j]), ho * V + v]
+                for v in T.vectorized(V):
+                    out[n, ho * V + v] = T.Cast(dtype, acc[v])
 
     return moe_combine
 

@@ -1,7 +1,9 @@
 """Targets as data: each is described once, with what a backend needs to know about it.
 
 Adding a CPU or GPU generation is adding a ``TargetSpec`` here, not editing code paths. The name
-``llvm`` means "this host's CPU" and resolves to the matching description.
+``llvm`` means "this host's CPU" and resolves to the matching description. GPU targets name the
+architectures their device code is compiled for (``arches``; ``--arch`` picks others, several at
+once for CUDA, which go into one fatbin).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import platform
 from typing import Any
 
-from qwen2c.errors import Qwen2cError
+from qwen2c.errors import BackendUnavailableError, Qwen2cError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +27,10 @@ class TargetSpec:
     cpu_features: tuple[str, ...] = ()  # /proc/cpuinfo flags the generated code uses
     arch: str = "x86_64"  # the machine the code runs on, as platform.machine() names it
     cross_compiler: str | None = None  # links the library when this machine is another arch
+    arches: tuple[str, ...] = ()  # GPU: device architectures compiled for (sm_90, gfx942, ...)
+    known_arches: tuple[str, ...] = ()  # GPU: the ones --arch accepts
+    default_dtype: str = "float32"  # when --dtype is not given (GPU: the checkpoint's)
+    cannot_build: str | None = None  # why TVM here cannot emit code for it (refused up front)
 
     def tvm_target(self):
         import tvm
@@ -32,10 +38,46 @@ class TargetSpec:
         config = dict(self.tvm)
         if self.device == "cpu" and "num-cores" not in config:
             config["num-cores"] = os.cpu_count() or 1
+        if self.arches:
+            # Code is generated once, for the oldest architecture asked for; each arch then gets its
+            # own machine code from that source (CUDA: one fatbin).
+            config[_ARCH_KEY.get(self.device, "arch")] = min(self.arches, key=_arch_number)
+        if self.device != "cpu":
+            return tvm.target.Target(config, host=_host_config())
         return tvm.target.Target(config)
 
+    def with_arches(self, arches: str | None) -> "TargetSpec":
+        """This target for ``--arch`` (comma-separated); refuses an unknown architecture by name."""
+        if not arches:
+            return self
+        if not self.known_arches:
+            raise Qwen2cError(f"--arch is for GPU targets; {self.name} is {self.description}.")
+        wanted = tuple(dict.fromkeys(a.strip() for a in arches.split(",") if a.strip()))
+        unknown = [a for a in wanted if a not in self.known_arches]
+        if unknown or not wanted:
+            raise Qwen2cError(
+                f"--arch {arches!r}: {', '.join(unknown) or 'nothing'} is not an architecture of {self.name}; "
+                f"choose from {', '.join(self.known_arches)} (several at once, comma-separated)."
+            )
+        return dataclasses.replace(self, arches=wanted)
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "tvm": self.tvm, "device": self.device}
+        out = {"name": self.name, "backend": self.backend, "tvm": self.tvm, "device": self.device}
+        if self.arches:
+            out["arches"] = list(self.arches)
+        return out
+
+
+_ARCH_KEY = {"cuda": "arch", "rocm": "mcpu", "metal": "arch", "opencl": "arch"}
+
+
+def _arch_number(arch: str) -> int:
+    digits = "".join(c for c in arch if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _host_config() -> dict[str, Any]:
+    return {"kind": "llvm", "mcpu": "x86-64"} if host_arch() == "x86_64" else {"kind": "llvm"}
 
 
 class Registry:
@@ -50,16 +92,22 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._targets) + ["llvm"]
 
-    def resolve(self, name: str) -> TargetSpec:
+    def all(self) -> list[TargetSpec]:
+        return [self._targets[n] for n in sorted(self._targets)]
+
+    def resolve(self, name: str, arch: str | None = None) -> TargetSpec:
         if name == "llvm":
-            return self._targets[host_target_name()]
+            return self._targets[host_target_name()].with_arches(arch)
         try:
-            return self._targets[name]
+            spec = self._targets[name]
         except KeyError:
             raise Qwen2cError(
-                f"unknown target {name!r}. Known targets: {', '.join(self.names())}. "
-                "GPU and other accelerator targets arrive with their backends; 'llvm' builds for this CPU."
+                f"unknown target {name!r}. Known targets: {', '.join(self.names())} "
+                "('llvm' builds for this CPU; `qwen2c targets` says what each can do here)."
             ) from None
+        if spec.cannot_build:
+            raise BackendUnavailableError(f"target {name}: {spec.cannot_build} Nothing was built.")
+        return spec.with_arches(arch)
 
 
 TARGETS = Registry()
@@ -79,6 +127,39 @@ TARGETS.register(TargetSpec(
     "llvm-aarch64", "tvm", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "cpu",
     "64-bit Arm with NEON (Graviton, Ampere, Apple silicon under Linux)", 128, (),
     arch="aarch64", cross_compiler="aarch64-linux-gnu-gcc",
+))
+
+
+CUDA_ARCHES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+TARGETS.register(TargetSpec(
+    "cuda", "tvm", {"kind": "cuda"}, "cuda",
+    "NVIDIA GPUs (Turing sm_75 to Hopper sm_90); device code compiled here with nvcc into a fatbin",
+    arches=("sm_90",), known_arches=CUDA_ARCHES, default_dtype="checkpoint",
+))
+TARGETS.register(TargetSpec(
+    "rocm", "tvm", {"kind": "rocm"}, "rocm",
+    "AMD Instinct GPUs (gfx90a MI200, gfx942 MI300); code objects made with ROCm's device bitcode and ld.lld",
+    arches=("gfx942",), known_arches=("gfx90a", "gfx942"), default_dtype="checkpoint",
+))
+TARGETS.register(TargetSpec(
+    "metal", "tvm", {"kind": "metal"}, "metal",
+    "Apple GPUs (Metal Shading Language source, compiled by the driver when the engine loads)",
+    default_dtype="checkpoint",
+))
+TARGETS.register(TargetSpec(
+    "opencl", "tvm", {"kind": "opencl"}, "opencl",
+    "OpenCL GPUs (OpenCL C source, compiled by the driver when the engine loads)",
+    default_dtype="checkpoint",
+))
+TARGETS.register(TargetSpec(
+    "vulkan", "tvm", {"kind": "vulkan"}, "vulkan", "Vulkan GPUs (SPIR-V)",
+    cannot_build="the apache-tvm wheel installed here has no SPIR-V code generator (target.build.vulkan is "
+                 "missing); build TVM with USE_VULKAN=ON to target Vulkan.",
+))
+TARGETS.register(TargetSpec(
+    "webgpu", "tvm", {"kind": "webgpu"}, "webgpu", "WebGPU (WGSL)",
+    cannot_build="TVM's WebGPU code generator refuses 64-bit integers, which the paged KV cache's kernels "
+                 "index with; qwen2c cannot emit a WebGPU engine.",
 ))
 
 
@@ -115,8 +196,6 @@ def linker_for(spec: TargetSpec) -> str | None:
     is not on PATH.
     """
     import shutil
-
-    from qwen2c.errors import BackendUnavailableError
 
     if spec.device != "cpu" or spec.arch == host_arch():
         return None

@@ -55,10 +55,10 @@ def test_compiled_module_computes_linear_silu():
 
 
 def test_elementwise_functions_are_scheduled_parallel_and_vectorized():
-    from qwen2c.targets.tvm import compile as tvm_compile
+    from qwen2c.targets.tvm.pipelines import pipeline_for
 
     with SPEC.tvm_target():
-        mod = tvm.transform.Sequential(tvm_compile.pipeline(SPEC))(_module())
+        mod = tvm.transform.Sequential(pipeline_for(SPEC))(_module())
     silu = [f for gv, f in mod.functions_items() if "silu" in gv.name_hint]
     assert silu and silu[0].attrs.get("tirx.is_scheduled")
     script = silu[0].script()

@@ -43,4 +43,6 @@ def test_dispatch_rewrites_linear_and_leaves_what_it_cannot_serve():
     odd_k = dispatch_cpu_matmul(LANES)(_linear_module(LANES * 4 + 1, 8))
     assert not any(gv.name_hint.startswith("nt_matmul") for gv in odd_k.functions)
     half = dispatch_cpu_matmul(LANES)(_linear_module(LANES * 4, 8, "float16"))
-    assert not any(gv.name_hint.startswith("nt_matmul") for gv in half.functions)
+    assert any(gv.name_hint.startswith("nt_matmul") and "float16" in gv.name_hint for gv in half.functions)
+    double = dispatch_cpu_matmul(LANES)(_linear_module(LANES * 4, 8, "float64"))
+    assert not any(gv.name_hint.startswith("nt_matmul") for gv in double.functions)

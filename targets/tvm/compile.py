@@ -1,4 +1,4 @@
-"""The TVM compile pipeline for an engine's Relax module: one list, phase by phase."""
+"""Compile an engine's Relax module for a target: its device kind's pipeline, then the build."""
 
 from __future__ import annotations
 
@@ -7,41 +7,21 @@ import logging
 import tvm
 from tvm import relax
 
-from qwen2c.schedules.cpu_injective import schedule_cpu_injective
-from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul
-
 from ..registry import TargetSpec
+from .device_code import device_codegen
+from .pipelines import pipeline_for
 
 log = logging.getLogger(__name__)
-
-
-def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    target = spec.tvm_target()
-    if spec.device != "cpu":
-        raise NotImplementedError(f"the TVM pipeline for {spec.device} targets is not written yet")
-    passes = [
-        # Library dispatch: linear layers to qwen2c's CPU kernels, vectorised to the target's width.
-        dispatch_cpu_matmul(vector_lanes=spec.vector_bits // 32),
-        *cpu_generic.library_dispatch_passes(target),
-        # Legalize the remaining ops to TIR and fuse elementwise chains.
-        *cpu_generic.legalize_passes(target),
-        # Lower dataflow (reshapes become views first: they are recognised unscheduled).
-        *cpu_generic.dataflow_lower_passes(target),
-        # Parallel, vectorized loops for the legalized elementwise ops.
-        schedule_cpu_injective(vector_lanes=spec.vector_bits // 32),
-        # Plan memory: activations reuse static buffers across steps.
-        *cpu_generic.finalize_passes(target),
-    ]
-    return passes
 
 
 def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
     target = spec.tvm_target()
     with target:
-        mod = tvm.transform.Sequential(pipeline(spec))(mod)
-    return _link(mod, target)
+        mod = tvm.transform.Sequential(pipeline_for(spec))(mod)
+    if spec.device == "cpu":
+        return _link(mod, target)
+    with device_codegen(spec):
+        return relax.build(mod, target=target, relax_pipeline=None)
 
 
 def _link(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:

@@ -1,10 +1,18 @@
-"""Lower qwen2c's fused ops to Relax while importing the rewritten ExportedProgram.
+"""Lower qwen2c's fused ops, and linear layers, to Relax while importing the rewritten program.
+
+Nothing here depends on the target: kernels are chosen later, by the pipeline of the target's
+device kind (``pipelines/``).
 
 ``fused_attention`` becomes a call into the KV cache that the engine owns: the cache applies RoPE
 at each token's position, appends k/v to its pages, and attends over everything the sequence has
 seen. One traced graph therefore serves prefill (seq = prompt length) and decode (seq = 1).
 
-``fused_moe`` becomes qwen2c's grouped-expert kernels (see ``lower_moe.py``).
+``fused_rms_norm`` normalises in float32 and casts back, as transformers' Qwen2RMSNorm does.
+
+``linear`` is ``matmul(x, permute_dims(W))`` in the input's dtype (TVM's own converter asks for a
+float32 result whatever the inputs, which breaks half-precision graphs).
+
+``fused_moe`` becomes a sequence of abstract kernel calls (see ``lower_moe.py``).
 """
 
 from __future__ import annotations
@@ -21,17 +29,15 @@ KV_ATTENTION = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 ConvertMap = dict[str, Callable[[fx.Node, object], relax.Var]]
 
 
-def convert_map(kv_cache: relax.Var, vector_lanes: int, moe_dispatch: str = "sparse") -> ConvertMap:
+def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, weight: relax.Expr, bias: relax.Expr | None = None):
+    out = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(weight)), out_dtype=str(x.ty.dtype)))
+    return out if bias is None else bb.emit(relax.op.add(out, bias))
+
+
+def convert_map(kv_cache: relax.Var, moe_dispatch: str = "sparse") -> ConvertMap:
     """Converters for the qwen2c ops, keyed as TVM's importer names call targets."""
     if moe_dispatch not in MOE_DISPATCHES:
         raise ValueError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {moe_dispatch!r}")
-    kernels: dict[tuple, object] = {}
-
-    def kernel(bb: relax.BlockBuilder, make, *key):
-        """Add each distinct kernel to the module once; every layer with those shapes shares it."""
-        if (make, *key) not in kernels:
-            kernels[(make, *key)] = bb.add_func(make(*key), make.__name__.removesuffix("_kernel"))
-        return kernels[(make, *key)]
 
     def attention(node: fx.Node, importer) -> relax.Var:
         bb = importer.block_builder
@@ -51,11 +57,24 @@ def convert_map(kv_cache: relax.Var, vector_lanes: int, moe_dispatch: str = "spa
         return bb.emit(relax.op.reshape(out, (batch, seq, q_heads, head_dim)))
 
     def rms_norm(node: fx.Node, importer) -> relax.Var:
+        bb = importer.block_builder
         x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
-        return importer.block_builder.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=node.args[2]))
+        dtype = x.ty.dtype
+        if dtype == "float32":
+            return bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=node.args[2]))
+        normed = bb.emit(relax.op.nn.rms_norm(bb.emit(relax.op.astype(x, "float32")),
+                                              bb.emit(relax.op.astype(weight, "float32")),
+                                              axes=[-1], epsilon=node.args[2]))
+        return bb.emit(relax.op.astype(normed, dtype))
+
+    def linear(node: fx.Node, importer) -> relax.Var:
+        x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
+        bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
+        return emit_linear(importer.block_builder, x, weight, bias)
 
     def moe(node: fx.Node, importer):
-        return lower_moe(node, importer, lambda make, *key: kernel(importer.block_builder, make, *key),
-                         vector_lanes, moe_dispatch)
+        bb = importer.block_builder
+        return lower_moe(node, importer, lambda x, w: emit_linear(bb, x, w), moe_dispatch)
 
-    return {"fused_attention.default": attention, "fused_rms_norm.default": rms_norm, "fused_moe.default": moe}
+    return {"fused_attention.default": attention, "fused_rms_norm.default": rms_norm,
+            "fused_moe.default": moe, "linear.default": linear}

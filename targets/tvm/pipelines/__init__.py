@@ -1,0 +1,31 @@
+"""One TVM compile pipeline per device kind, each with the same phases, picked by the target.
+
+    dispatch   KV-cache creation for the target, kernels for qwen2c's abstract calls and linear layers
+    legalize   the remaining Relax ops to TIR, fused
+    lower      dataflow to VM calls
+    schedule   every kernel gets a schedule for the device (a GPU kernel without one fails the build)
+    finalize   memory planning, (GPU) CUDA-graph capture, VM lowering
+
+The shape of TVM's own ``relax/pipeline.py`` and ``relax/backend/*/pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from qwen2c.errors import BackendUnavailableError
+
+from ...registry import TargetSpec
+
+
+def pipeline_for(spec: TargetSpec) -> list[tvm.transform.Pass]:
+    from . import cpu, gpu
+
+    pipelines = {"cpu": cpu.pipeline, "cuda": gpu.pipeline, "rocm": gpu.pipeline, "metal": gpu.pipeline,
+                 "opencl": gpu.pipeline}
+    if spec.device not in pipelines:
+        raise BackendUnavailableError(
+            f"target {spec.name}: no TVM pipeline for device kind {spec.device!r} "
+            f"(pipelines: {', '.join(sorted(pipelines))})."
+        )
+    return pipelines[spec.device](spec)

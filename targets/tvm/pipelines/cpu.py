@@ -1,0 +1,54 @@
+"""The TVM pipeline for CPU targets (LLVM): qwen2c's CPU kernels, TVM's generic CPU passes."""
+
+from __future__ import annotations
+
+import tvm
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+from qwen2c.schedules import cpu_moe
+from qwen2c.schedules.cpu_injective import schedule_cpu_injective
+from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
+
+from ...registry import TargetSpec
+from .add_kv_cache_creation import add_kv_cache_creation
+from .dispatch_kernels import dispatch_kernels
+from .use_cpu_attention_kernels import use_cpu_attention_kernels
+
+
+def kernels(vector: int) -> dict:
+    """The CPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``."""
+    return {
+        "moe_route": lambda ins, outs, top_k, norm: cpu_moe.route_kernel(
+            int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
+        "moe_dense_route": lambda ins, outs: cpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),
+        "moe_group": lambda ins, outs: cpu_moe.group_kernel(int(outs[2].shape[0]) - 1),
+        "moe_grouped_swiglu": lambda ins, outs, per_token: cpu_moe.grouped_swiglu_kernel(
+            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, vector,
+            cpu_moe.swiglu_tile_rows(vector), dtype=ins[0].dtype),
+        "moe_grouped_down": lambda ins, outs: cpu_moe.grouped_down_kernel(
+            int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), vector, tile_rows(vector),
+            dtype=ins[1].dtype),
+        "moe_combine": lambda ins, outs: cpu_moe.combine_kernel(
+            int(ins[0].shape[1]), int(ins[2].shape[1]), vector, outs[0].dtype),
+    }
+
+
+def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
+    target = spec.tvm_target()
+    lanes = spec.vector_bits // 32
+    return [
+        # dispatch: the target's KV cache (with qwen2c's prefill attention), MoE kernels, linear layers.
+        add_kv_cache_creation(target),
+        use_cpu_attention_kernels(lanes),
+        dispatch_kernels(kernels(lanes), "cpu"),
+        dispatch_cpu_matmul(vector_lanes=lanes),
+        *cpu_generic.library_dispatch_passes(target),
+        # legalize the remaining ops to TIR and fuse elementwise chains.
+        *cpu_generic.legalize_passes(target),
+        # lower dataflow (reshapes become views first: they are recognised unscheduled).
+        *cpu_generic.dataflow_lower_passes(target),
+        # schedule: parallel, vectorized loops for the legalized elementwise ops.
+        schedule_cpu_injective(vector_lanes=lanes),
+        # finalize: activations reuse static buffers across steps.
+        *cpu_generic.finalize_passes(target),
+    ]
