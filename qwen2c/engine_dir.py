@@ -3,6 +3,10 @@
 A build writes into a staging directory beside the destination and renames it into place only
 when complete, so a failed or interrupted build leaves no half engine, and an existing engine is
 only replaced when asked (``force``) and only after the new one is complete.
+
+An engine copied without its weights (``qwen2c pack --no-weights``, for weights made where it
+runs) lists, instead of the weights file's checksum, the tensors that file must hold
+(``expected_weights``: name, safetensors dtype, shape); a supplied file is checked against them.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,11 +29,12 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def check_destination(out: Path, force: bool) -> None:
+def check_destination(out: Path, force: bool, marker: str = MANIFEST, kind: str = "engine") -> None:
+    """Refuse an existing ``out`` unless ``force``, and always one that lacks ``marker`` (not ours)."""
     if out.exists() and not force:
-        raise Qwen2cError(f"{out} already exists; pass --force to replace it (it is kept until the new engine is complete).")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise Qwen2cError(f"{out} exists and is not a qwen2c engine (no {MANIFEST}); refusing to replace it even with --force.")
+        raise Qwen2cError(f"{out} already exists; pass --force to replace it (it is kept until the new {kind} is complete).")
+    if out.exists() and not (out / marker).is_file():
+        raise Qwen2cError(f"{out} exists and is not a qwen2c {kind} (no {marker}); refusing to replace it even with --force.")
 
 
 def make_staging(out: Path) -> Path:
@@ -44,9 +50,9 @@ def _umask() -> int:
     return mask
 
 
-def publish(staging: Path, out: Path, force: bool) -> None:
-    """Move a complete staging directory to ``out``; with ``force``, swap out the old engine."""
-    check_destination(out, force)
+def publish(staging: Path, out: Path, force: bool, marker: str = MANIFEST, kind: str = "engine") -> None:
+    """Move a complete staging directory to ``out``; with ``force``, swap out the old one."""
+    check_destination(out, force, marker, kind)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -100,15 +106,73 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
             f"{path}: engine format version {version!r}, this qwen2c reads version {FORMAT_VERSION}; rebuild the engine."
         )
     files = manifest.get("files")
-    if not isinstance(files, dict) or LIBRARY not in files or WEIGHTS not in files:
+    expected_weights = manifest.get("expected_weights")
+    if not isinstance(files, dict) or LIBRARY not in files or (WEIGHTS not in files and expected_weights is None):
         raise EngineError(f"{path}: the manifest's 'files' table is missing or lacks {LIBRARY}/{WEIGHTS}; rebuild.")
     if verify:
-        for name, entry in files.items():
-            file = directory / name
-            if not file.is_file():
-                raise EngineError(f"{directory}: {name} is listed in the manifest but missing; the engine is incomplete.")
-            if file.stat().st_size != entry.get("size") or sha256(file) != entry.get("sha256"):
-                raise EngineError(
-                    f"{file}: checksum mismatch with the manifest; the engine is corrupt or was modified. Rebuild it."
-                )
+        _verify_checksums(directory, files)
+        if WEIGHTS not in files:
+            _verify_supplied_weights(directory / WEIGHTS, expected_weights)
     return manifest
+
+
+def _verify_checksums(directory: Path, files: dict[str, Any]) -> None:
+    for name, entry in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise EngineError(f"{directory}: {name} is listed in the manifest but missing; the engine is incomplete.")
+        if file.stat().st_size != entry.get("size") or sha256(file) != entry.get("sha256"):
+            raise EngineError(
+                f"{file}: checksum mismatch with the manifest; the engine is corrupt or was modified. Rebuild it."
+            )
+
+
+def weights_spec(path: Path) -> list[dict[str, Any]]:
+    """Name, dtype (safetensors' spelling: F32, BF16, ...) and shape of each tensor in a safetensors
+    file, in the file's order; read from its header alone."""
+    return [{"name": name, "dtype": t["dtype"], "shape": t["shape"]} for name, t in _safetensors_header(path).items()]
+
+
+def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensors a safetensors file describes, after checking that its size matches them."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise EngineError(f"{path}: not a safetensors file (no valid header).")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EngineError(f"{path}: not a safetensors file (unreadable header: {e}).") from None
+    if not isinstance(header, dict):
+        raise EngineError(f"{path}: not a safetensors file (its header is not a JSON object).")
+    header.pop("__metadata__", None)
+    try:
+        data = max((t["data_offsets"][1] for t in header.values()), default=0)
+    except (KeyError, TypeError, IndexError):
+        raise EngineError(f"{path}: not a safetensors file (a tensor entry has no data_offsets).") from None
+    if 8 + length + data != size:
+        raise EngineError(f"{path}: {size} bytes, but its header describes {8 + length + data}; the file is truncated or corrupt.")
+    return header
+
+
+def _verify_supplied_weights(path: Path, expected: list[dict[str, Any]]) -> None:
+    """A weights file supplied after packing holds exactly the expected tensors, shapes and dtypes."""
+    if not path.is_file():
+        raise EngineError(
+            f"{path.parent}: no {WEIGHTS}; this engine was packed without its weights. Supply a {WEIGHTS} holding "
+            f"the {len(expected)} tensors its manifest lists under 'expected_weights'."
+        )
+    found = _safetensors_header(path)
+    for want in expected:
+        got = found.pop(want["name"], None)
+        if got is None:
+            raise EngineError(f"{path}: tensor {want['name']!r} is missing; the engine expects {want['dtype']} {want['shape']}.")
+        if got["dtype"] != want["dtype"] or got["shape"] != want["shape"]:
+            raise EngineError(
+                f"{path}: tensor {want['name']!r} is {got['dtype']} {got['shape']}; the engine expects "
+                f"{want['dtype']} {want['shape']}."
+            )
+    if found:
+        raise EngineError(f"{path}: tensor {next(iter(found))!r} is not one this engine uses (see its manifest's 'expected_weights').")

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import engine_dir
-from .errors import EngineError
+from .errors import EngineError, Qwen2cError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Engine:
             return TvmProgram(
                 self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context
             )
+        except Qwen2cError:  # no device or device runtime here: already says what is missing
+            raise
         except Exception as e:  # TVM reports a bad library as a generic error
             raise EngineError(f"{self.directory / engine_dir.LIBRARY}: could not open the compiled library ({e}).") from None
 

@@ -2,38 +2,111 @@
 
 Per token, the work outside compiled code is: two KV-state calls, one VM call, and a copy of the
 logits to NumPy. Weights are uploaded once and stay in the engine's memory in their dtype.
+
+Only TVM's runtime is needed here. A process that has not imported TVM yet imports it in
+runtime-only mode (``TVM_USE_RUNTIME_LIB=1``), which leaves the 259 MB compiler library unmapped
+and works where only the runtime is installed (``qwen2c pack``); a process that already imported
+all of TVM (a build) keeps it. So this module uses ``tvm.runtime`` only: ``tvm.relax`` does not
+import in runtime-only mode.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
+
+from qwen2c.errors import BackendUnavailableError
 
 # TVM sizes its worker pool on first use and, by default, to half the logical CPUs (it assumes
 # hyper-threading): on a 2-core machine without SMT that is one thread, and half the memory
 # bandwidth decode needs (measured: 42 ms vs 20 ms for the 0.5B vocabulary projection).
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
-from tvm.runtime import ShapeTuple  # noqa: E402
+RUNTIME_ONLY_ENV = "TVM_USE_RUNTIME_LIB"
 
-from qwen2c.schedules.cpu_attention import CACHE_PAGE_SIZE as PAGE_SIZE  # noqa: E402
+# TVM builds its CPU cache kernels for 16-slot pages (TIRPagedKVCache does not pass a page size to
+# them), and qwen2c's CPU attention kernels (schedules/cpu_attention.py, CACHE_PAGE_SIZE) are built
+# for the same. Stated here rather than imported: that module needs TVM's compiler.
+PAGE_SIZE = 16
+
+
+def _import_tvm():
+    """TVM's runtime alone unless this process already imported TVM, which is then used as is."""
+    if "tvm" not in sys.modules:
+        previous = os.environ.get(RUNTIME_ONLY_ENV)
+        os.environ[RUNTIME_ONLY_ENV] = "1"
+        try:
+            import tvm
+        finally:  # TVM reads it once, at import; child processes should not inherit it from us
+            if previous is None:
+                del os.environ[RUNTIME_ONLY_ENV]
+            else:
+                os.environ[RUNTIME_ONLY_ENV] = previous
+    import tvm
+    import tvm.runtime.vm
+
+    return tvm
+
+
+tvm = _import_tvm()
+
+import numpy as np  # noqa: E402
+from tvm.runtime import ShapeTuple  # noqa: E402
+from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 _add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
 _begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
 _end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+_SEQUENCE_IDS = ShapeTuple([0])  # every cache holds one sequence, id 0
+_ONE_TOKEN = ShapeTuple([1])
+
+_DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm, "metal": tvm.metal, "opencl": tvm.opencl}
 
 
-def _device(kind: str):
-    return {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm, "metal": tvm.metal, "opencl": tvm.opencl}[kind](0)
+def open_device(kind: str):
+    """Device 0 of ``kind``, with the runtime support it needs; BackendUnavailableError if absent."""
+    if kind == "cuda":
+        _load_cuda_runtime()
+    device = _DEVICES[kind](0)
+    if not device.exist:
+        raise BackendUnavailableError(f"this engine is for {kind} and this machine has no {kind.upper()} device.")
+    return device
+
+
+def _load_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime library, which registers the CUDA module loader and device API.
+
+    A full ``import tvm`` loads it when it can; runtime-only mode never does. It needs the CUDA
+    driver (libcuda.so.1) and the CUDA 13 runtime (libcudart.so.13).
+    """
+    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[lib_dir])
+    except RuntimeError:  # tvm_ffi's "cannot find library" (a runtime copied without it)
+        raise BackendUnavailableError(
+            f"this engine is for cuda, and TVM's CUDA runtime (libtvm_runtime_cuda.so) is not in {lib_dir}."
+        ) from None
+    except OSError as e:
+        missing = re.match(r"(\S+): cannot open shared object file", str(e))
+        raise BackendUnavailableError(
+            f"this engine is for cuda, and TVM's CUDA runtime ({lib_dir / 'libtvm_runtime_cuda.so'}) could not be "
+            f"loaded: {missing.group(1) + ' was not found' if missing else e}. It needs the NVIDIA driver "
+            "(libcuda.so.1) and the CUDA 13 runtime (libcudart.so.13, from the CUDA toolkit or pip's "
+            "nvidia-cuda-runtime); add the folder holding a missing library to LD_LIBRARY_PATH."
+        ) from None
 
 
 class TvmProgram:
     def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int):
-        self.device = _device(device)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+        self.device = open_device(device)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         uploaded: dict[int, tvm.runtime.Tensor] = {}
         # Tied weights arrive as the same array twice; upload it once.
         self.params = [uploaded.setdefault(id(w), tvm.runtime.tensor(w, self.device)) for w in weights]
@@ -55,7 +128,7 @@ class TvmProgram:
         device tensors ([n, top_k] experts per token): copied out only if someone asks for them.
         """
         n = int(ids.shape[0])
-        _begin_forward(cache, ShapeTuple([0]), ShapeTuple([n]))
+        _begin_forward(cache, _SEQUENCE_IDS, _ONE_TOKEN if n == 1 else ShapeTuple([n]))
         fn = self._decode if n == 1 else self._prefill
         out = fn(tvm.runtime.tensor(ids.reshape(1, n), self.device), cache, *self.params)
         _end_forward(cache)

@@ -69,15 +69,15 @@ class _Dispatcher(PyExprMutator):
                 f"{', '.join(sorted(self.table)) or 'none'}); this model cannot be built for a {self.device} target yet."
             )
         args = list(call.args[1].fields)
-        tensors = [a for a in args if not isinstance(a, relax.PrimValue)]
-        statics = tuple(int(a.value) for a in args if isinstance(a, relax.PrimValue))
-        out_ty = call.sinfo_args[0]
+        tensors = [a for a in args if not isinstance(a, tirx.IntImm)]
+        statics = tuple(int(a.value) for a in args if isinstance(a, tirx.IntImm))
+        out_ty = call.ty_args[0]
         outs = list(out_ty.fields) if isinstance(out_ty, relax.TupleType) else [out_ty]
         key = (name, tuple(_signature(a.ty) for a in tensors), tuple(_signature(o) for o in outs), statics)
         if key not in self.kernels:
             func = make([a.ty for a in tensors], outs, *statics)
             self.kernels[key] = self.builder_.add_func(func, name)
-        return relax.call_tir(self.kernels[key], tensors, out_ty)
+        return relax.call_tir(self.kernels[key], tensors, outs if len(outs) > 1 else outs[0])
 
 
 def _signature(ty) -> tuple:
