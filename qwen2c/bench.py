@@ -31,6 +31,12 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _median_of(timed, repeats: int) -> float:
+    """Median of what ``timed()`` reports (seconds of the part it times), after one warm-up."""
+    timed()
+    return statistics.median(timed() for _ in range(repeats))
+
+
 def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
     from transformers import DynamicCache
 
@@ -47,24 +53,23 @@ def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 
         with torch.no_grad():
             model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
 
-    def eager_decode():
+    def eager_decode() -> float:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             out = model(input_ids=torch.tensor([prompt[:8]]), cache=cache, use_cache=True, logits_to_keep=1)
+            start = time.perf_counter()
             for _ in range(decode_tokens):
                 token = int(out.logits[0, -1].argmax())
                 out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
 
-    prefill_short = lambda: engine.session().prefill(prompt[:8])  # noqa: E731
-    eager_prefill_short = lambda: model(input_ids=torch.tensor([prompt[:8]]), use_cache=True)  # noqa: E731
     with torch.no_grad():
         t = {
             "engine_prefill": _median_time(engine_prefill, repeats),
             "eager_prefill": _median_time(eager_prefill, repeats),
-            # Decode time excludes the 8-token prefill that starts each run.
-            "engine_decode": _median_time(lambda: _decode_run(engine, prompt[:8], decode_tokens), repeats)
-            - _median_time(prefill_short, repeats),
-            "eager_decode": _median_time(eager_decode, repeats) - _median_time(eager_prefill_short, repeats),
+            # Decode steps only, after an 8-token prefill that is not timed.
+            "engine_decode": _median_of(lambda: _decode_run(engine, prompt[:8], decode_tokens), repeats),
+            "eager_decode": _median_of(eager_decode, repeats),
         }
     result = {
         "threads": threads,
@@ -98,6 +103,8 @@ def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_t
     """
     import tempfile
 
+    import tvm  # noqa: F401  (all of TVM, before load() would take the runtime only: this builds too)
+
     from .builder import build
     from .errors import ConfigError
 
@@ -116,7 +123,7 @@ def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_t
         t: dict[str, float] = {}
         for name, e in (("sparse", engine), ("dense", dense)):
             t[f"{name}_prefill"] = _median_time(lambda: e.session().prefill(prompt), repeats)
-            t[f"{name}_decode"] = _median_time(lambda: _decode_run(e, prompt, decode_tokens), repeats) - t[f"{name}_prefill"]
+            t[f"{name}_decode"] = _median_of(lambda: _decode_run(e, prompt, decode_tokens), repeats)
     result = {
         "experts": moe["num_experts"], "experts_per_token": moe["num_experts_per_tok"], "moe_layers": len(moe["layers"]),
         "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
@@ -129,11 +136,14 @@ def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_t
     return result
 
 
-def _decode_run(engine, prompt: list[int], steps: int) -> None:
+def _decode_run(engine, prompt: list[int], steps: int) -> float:
+    """Prefill ``prompt``, then time ``steps`` greedy decode steps; return their seconds."""
     s = engine.session()
     logits = s.prefill(prompt)
+    start = time.perf_counter()
     for _ in range(steps):
         logits = s.decode(int(np.argmax(logits)))
+    return time.perf_counter() - start
 
 
 def format_moe_bench(r: dict[str, Any]) -> str:

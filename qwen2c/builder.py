@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, engine_dir
 from .checkpoint import checkpoint_dtype, load_reference, resolve_model
-from .errors import ConfigError, ParityError
+from .errors import BackendUnavailableError, ConfigError, ParityError
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
@@ -49,6 +49,12 @@ def build(
     """
     import transformers
     import tvm
+
+    if getattr(tvm.base, "_RUNTIME_ONLY", False):
+        raise BackendUnavailableError(
+            "this process opened an engine with TVM's runtime only (no compiler), so it cannot build. Build in a "
+            "separate process, or `import tvm` before the first qwen2c.load()."
+        )
 
     from qwen2c.graphs.export import export_model, param_names
     from qwen2c.graphs.pipeline import run_passes

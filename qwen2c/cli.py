@@ -63,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument("--dense-experts", action="store_true",
                     help="MoE engines: compare with the same model built to run all experts on every token")
+    pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
+                        description="Copy engines, qwen2c, TVM's runtime (not its compiler) and tvm_ffi for a given "
+                                    "Python into one folder that runs them offline, with numpy (and torch, "
+                                    "transformers for verify); `. DIR/env.sh` sets it up.")
+    pk.add_argument("engines", nargs="+", metavar="ENGINE", help="engine directories")
+    pk.add_argument("-o", "--output", required=True, help="folder to create")
+    pk.add_argument("--python", default=None,
+                    help="X.Y version of the Python that will run it (default: this one); another version fetches "
+                         "tvm_ffi's wheel for it once")
+    pk.add_argument("--no-weights", action="store_true",
+                    help="leave out the weights; a model.safetensors with the tensors the manifest expects is "
+                         "supplied later")
+    pk.add_argument("--no-tokenizer", action="store_true", help="leave out the tokenizer files")
+    pk.add_argument("--force", action="store_true", help="replace an existing pack (only once the new one is complete)")
     return p
 
 
@@ -70,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench}[args.command](args)
+        return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
+                "pack": _pack}[args.command](args)
     except Qwen2cError as e:
         print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -146,6 +161,15 @@ def _bench(args) -> int:
         print(format_moe_bench(result))
         return 0
     print(format_bench(bench(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
+    return 0
+
+
+def _pack(args) -> int:
+    from .pack import format_pack, pack
+
+    summary = pack(args.engines, args.output, python=args.python, weights=not args.no_weights,
+                   tokenizer=not args.no_tokenizer, force=args.force, progress=_progress)
+    print(format_pack(summary, args.output))
     return 0
 
 

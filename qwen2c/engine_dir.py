@@ -92,7 +92,8 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest, after checking every listed file's size and SHA-256 (``verify``)."""
+    """The manifest, after checking (``verify``) every listed file's size and SHA-256, and a weights
+    file supplied after packing against the tensors the manifest expects."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EngineError(f"{directory}: no such engine directory.")
@@ -153,7 +154,9 @@ def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     except (KeyError, TypeError, IndexError):
         raise EngineError(f"{path}: not a safetensors file (a tensor entry has no data_offsets).") from None
     if 8 + length + data != size:
-        raise EngineError(f"{path}: {size} bytes, but its header describes {8 + length + data}; the file is truncated or corrupt.")
+        raise EngineError(
+            f"{path}: {size} bytes, but its header describes {8 + length + data}; the file is truncated or corrupt."
+        )
     return header
 
 
@@ -168,11 +171,15 @@ def _verify_supplied_weights(path: Path, expected: list[dict[str, Any]]) -> None
     for want in expected:
         got = found.pop(want["name"], None)
         if got is None:
-            raise EngineError(f"{path}: tensor {want['name']!r} is missing; the engine expects {want['dtype']} {want['shape']}.")
+            raise EngineError(
+                f"{path}: tensor {want['name']!r} is missing; the engine expects {want['dtype']} {want['shape']}."
+            )
         if got["dtype"] != want["dtype"] or got["shape"] != want["shape"]:
             raise EngineError(
                 f"{path}: tensor {want['name']!r} is {got['dtype']} {got['shape']}; the engine expects "
                 f"{want['dtype']} {want['shape']}."
             )
     if found:
-        raise EngineError(f"{path}: tensor {next(iter(found))!r} is not one this engine uses (see its manifest's 'expected_weights').")
+        raise EngineError(
+            f"{path}: tensor {next(iter(found))!r} is not one this engine uses (see its manifest's 'expected_weights')."
+        )

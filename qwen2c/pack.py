@@ -84,7 +84,8 @@ def pack(
     python = _check_python(python)
     sources = _name_engines(engines)
     engine_dir.check_destination(out, force, PACK_JSON, "pack")
-    tvm_ffi = _tvm_ffi_distribution(python, progress)
+    tvm_dist = _installed("apache-tvm")
+    tvm_ffi_dist = _tvm_ffi_distribution(python, progress)
     staging = engine_dir.make_staging(out)
     try:
         packed = []
@@ -93,10 +94,12 @@ def pack(
             packed.append(_copy_engine(source, staging / "engines" / name, weights, tokenizer))
         progress(f"copying qwen2c, TVM's runtime and tvm_ffi for Python {python}")
         site = staging / "site"
-        versions = {"qwen2c": __version__, "tvm": _copy_tvm(site), "tvm_ffi": _copy_tvm_ffi(tvm_ffi, site)}
+        _copy_tvm(tvm_dist, site)
+        _copy_tvm_ffi(tvm_ffi_dist, site)
         _copy_qwen2c(site)
         _copy_typing_extensions(site)
         (staging / ENV_SH).write_text(ENV_SH_TEXT)
+        versions = {"qwen2c": __version__, "tvm": tvm_dist.version, "tvm_ffi": tvm_ffi_dist.version}
         summary = _summary(staging, python, versions, packed)
         (staging / PACK_JSON).write_text(json.dumps(summary, indent=2) + "\n")
         engine_dir.publish(staging, out, force, PACK_JSON, "pack")
@@ -189,31 +192,34 @@ def _copy_qwen2c(site: Path) -> None:
         _copy_tree(source, site.joinpath(*name.split(".")), ("*.py",))
 
 
-def _copy_tvm(site: Path) -> str:
-    """TVM's Python files (the same wheel serves every Python) and its runtime libraries."""
+def _installed(project: str) -> importlib.metadata.Distribution:
     try:
-        dist = importlib.metadata.distribution("apache-tvm")
+        return importlib.metadata.distribution(project)
     except importlib.metadata.PackageNotFoundError:
-        raise Qwen2cError("apache-tvm is not installed here; qwen2c pack copies TVM's runtime from it.") from None
+        raise Qwen2cError(f"{project} is not installed here; qwen2c pack copies TVM's runtime from it.") from None
+
+
+def _copy_tvm(dist: importlib.metadata.Distribution, site: Path) -> None:
+    """TVM's Python files (the same wheel serves every Python) and its runtime libraries."""
     source = Path(dist.locate_file("tvm"))
     _copy_tree(source, site / "tvm", ("*.py",))
+    (site / "tvm" / "lib").mkdir()
     for lib in TVM_RUNTIME_LIBRARIES:
         if not (source / "lib" / lib).is_file():
             raise Qwen2cError(f"{source / 'lib' / lib}: missing from the installed apache-tvm; reinstall it.")
         shutil.copy2(source / "lib" / lib, site / "tvm" / "lib" / lib)
-    return dist.version
 
 
 def _tvm_ffi_distribution(python: str, progress) -> importlib.metadata.Distribution:
     """The installed apache-tvm-ffi for this Python; for another, the same version's wheel for it."""
-    installed = importlib.metadata.distribution("apache-tvm-ffi")
+    installed = _installed("apache-tvm-ffi")
     if python == f"{sys.version_info.major}.{sys.version_info.minor}":
         return installed
     unpacked = _unpack(_fetch_wheel("apache-tvm-ffi", installed.version, python, progress))
     return next(importlib.metadata.distributions(name="apache-tvm-ffi", path=[str(unpacked)]))
 
 
-def _copy_tvm_ffi(dist: importlib.metadata.Distribution, site: Path) -> str:
+def _copy_tvm_ffi(dist: importlib.metadata.Distribution, site: Path) -> None:
     """tvm_ffi's Python files, its core extension and libraries, and a dist-info naming them.
 
     tvm_ffi finds its library through its distribution's RECORD first: without a record in the
@@ -224,8 +230,8 @@ def _copy_tvm_ffi(dist: importlib.metadata.Distribution, site: Path) -> str:
     info.mkdir()
     (info / "METADATA").write_text(dist.read_text("METADATA"))
     files = sorted(p.relative_to(site).as_posix() for p in (site / "tvm_ffi").rglob("*") if p.is_file())
-    (info / "RECORD").write_text("".join(f"{f},,\n" for f in [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]))
-    return dist.version
+    files += [f"{info.name}/METADATA", f"{info.name}/RECORD"]
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
 
 
 def _copy_typing_extensions(site: Path) -> None:
@@ -252,8 +258,8 @@ def _fetch_wheel(project: str, version: str, python: str, progress) -> Path:
     found = sorted(cache.glob(pattern))
     if result.returncode != 0 or not found:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise WheelFetchError(f"could not fetch {project}=={version} for Python {python} ({tail}). On a machine with "
-                              f"network access, run `{' '.join(cmd[2:])}`, then pack again.")
+        raise WheelFetchError(f"could not fetch {project}=={version} for Python {python} ({tail}). Put its wheel in "
+                              f"{cache} (`{' '.join(cmd[2:])}` where the registry is reachable), then pack again.")
     return found[-1]
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+# All of TVM, compiler included: a process whose first TVM import is qwen2c.load's gets only TVM's
+# runtime (targets/tvm/runtime.py), and tests build engines after loading others.
+import tvm  # noqa: F401
 
 
 def small_config(**overrides) -> dict:
@@ -29,8 +32,8 @@ def small_config(**overrides) -> dict:
     return cfg
 
 
-def write_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
-    """A real checkpoint (config.json + model.safetensors), seeded random weights."""
+def write_checkpoint(directory: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+    """A real checkpoint (config.json + model.safetensors), seeded random weights stored in ``dtype``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = small_config(**overrides)
@@ -41,7 +44,7 @@ def write_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
     return directory
 
 
@@ -63,7 +66,7 @@ def moe_config(**overrides) -> dict:
     return cfg
 
 
-def write_moe_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
+def write_moe_checkpoint(directory: Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
     """A Qwen2-MoE checkpoint with seeded random weights and a decisive router.
 
     transformers initialises the router near zero, which makes every expert about equally likely:
@@ -80,7 +83,7 @@ def write_moe_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
                 p.normal_(0.0, 3.0 / cfg["hidden_size"] ** 0.5)
             elif name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -191,9 +191,9 @@ def test_unknown_preset_and_target_list_the_valid_ones(tmp_path):
         qwen2c.build("qwen2-tiny", "tpu", tmp_path / "out")
 
 
-def test_half_precision_is_refused_clearly_for_now(tmp_path):
-    with pytest.raises(ConfigError, match="float16"):
-        qwen2c.build("qwen2-tiny", "llvm", tmp_path / "out", dtype="float16")
+def test_an_unknown_dtype_is_refused_naming_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="bfloat16"):
+        qwen2c.build("qwen2-tiny", "llvm", tmp_path / "out", dtype="int3")
     assert not (tmp_path / "out").exists()
 
 

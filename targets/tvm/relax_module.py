@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax, tirx
-from tvm.relax.frontend.torch import from_exported_program
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 from tvm.relax.utils import copy_with_new_vars
 
 from qwen2c.model_config import head_dim, rope_theta
@@ -24,15 +24,30 @@ from .lower_ops import convert_map
 from .pipelines.add_kv_cache_creation import KV_CACHE_ATTR
 
 
+class _Importer(ExportedProgramImporter):
+    """TVM's importer, minus its copy of every parameter.
+
+    With ``keep_params_as_input`` it still converts each parameter to a TVM tensor for a "params"
+    attribute this module drops: a second copy of the weights in memory, and for a checkpoint
+    loaded zero-copy from safetensors (read-only memory, which DLPack refuses) a failure in
+    bfloat16, which NumPy cannot hold. Parameters become empty placeholders; buffers and constants
+    bound into the graph are converted as before.
+    """
+
+    def __init__(self, parameters):
+        super().__init__()
+        self._parameters = {id(p) for p in parameters}
+
+    def _convert_pytorch_tensor_to_tvm(self, tensor_value):
+        if id(tensor_value) in self._parameters:
+            return tvm.runtime.empty((0,), "float32")
+        return ExportedProgramImporter._convert_pytorch_tensor_to_tvm(tensor_value)
+
+
 def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse") -> tvm.IRModule:
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
-    mod = from_exported_program(
-        program,
-        keep_params_as_input=True,
-        unwrap_unit_return_tuple=True,
-        run_ep_decomposition=False,
-        custom_convert_map=convert_map(kv_cache, moe_dispatch),
-    )
+    mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
+        program, True, True, False, convert_map(kv_cache, moe_dispatch))
     main = mod["main"]
     input_ids, *weights = main.params
     seq = input_ids.ty.shape[1]

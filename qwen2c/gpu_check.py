@@ -1,0 +1,734 @@
+"""The GPU check: packed CUDA engines against PyTorch on the GPU they run on, in one call.
+
+``tools/gpu_check.sh`` runs ``python -m qwen2c.gpu_check --pack PACK --out OUT`` on the lent GPU
+machine, from a pack made by ``tools/prepare_gpu_check.sh`` (``qwen2c pack --no-weights``), so the
+qwen2c that runs is the packed one. The steps, in the order of ``make_plan``:
+
+1. ``reference``: transformers' cached decode agrees with a full forward (the parity reference is
+   only as good as the installed transformers' cache handling).
+2. ``bandwidth``: the card's copy bandwidth (a 2 GiB device-to-device copy, bytes read + written).
+3. For each engine in the pack: ``weights`` (a seeded transformers model in the engine's config and
+   dtype, made on the GPU, saved as the engine's model.safetensors: the compiled library does not
+   depend on weight values, and that same model is the reference), ``load``, ``parity`` (step by
+   step, routing for MoE), ``prefill`` (N tokens) and ``decode`` (new tokens after a prompt, batch
+   1) timed for the engine and for transformers eager.
+4. ``torch.compile``: the same prefill and decode through ``torch.compile(mode="max-autotune")``
+   in a subprocess with a deadline (what the budget leaves), so a slow or failing compile is
+   recorded, not fatal.
+5. ``roofline``: weight bytes one decode token reads over the measured bandwidth: the floor of a
+   decode step, and each contender's decode as a percentage of it.
+
+Results go to OUT/results.json, rewritten after every step so a run cut short keeps what it had;
+a table is printed last. ``--dry-run`` runs what needs no GPU here (the reference check, weights
+made on the CPU and checked against each manifest, the engine loaded up to its first CUDA call
+with TVM's runtime only) and plans the rest without touching CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import engine_dir
+from .checkpoint import TORCH_DTYPES, hf_config, load_reference, resolve_model
+from .errors import BackendUnavailableError, Qwen2cError, read_json_object
+from .memory import DTYPE_BYTES
+from .model_config import MODEL_CLASSES, active_param_count, is_moe
+from .parity import check_parity, format_report, parity_prompt, reference_steps
+
+COMPILE_MODE = "max-autotune"
+COPY_BYTES = 2 << 30
+DEFAULT_BUDGET_S = 440  # the device call's limit is 480 s; the rest is start-up and the copy back
+END_RESERVE_S = 15  # kept back from torch.compile for the roofline and the last write
+MIN_COMPILE_S = 45  # less than this left: torch.compile is skipped rather than started
+RESULTS = "results.json"
+# Steps --dry-run executes; every other step is planned only (it needs the GPU).
+DRY_RUN_STEPS = ("reference", "weights", "load")
+# (warm-up runs, timed runs) per measurement: fewer where one run is long.
+PREFILL_RUNS = (2, 10)
+ENGINE_DECODE_RUNS = (1, 5)
+EAGER_DECODE_RUNS = (1, 3)
+COMPILED_DECODE_RUNS = (2, 3)  # the first compiles, the second records the CUDA graphs
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    prompt: int  # decode starts after a prompt this long
+    new_tokens: int  # decode steps timed
+    prefill: tuple[int, ...]  # prompt lengths timed for prefill
+
+    def check(self, name: str, max_context: int) -> None:
+        need = max(self.prompt + self.new_tokens, *self.prefill)
+        if need > max_context:
+            raise Qwen2cError(f"engines/{name}: the check needs {need} tokens of context and the engine serves "
+                              f"{max_context}; rebuild it with --max-context {need} or more.")
+
+
+@dataclasses.dataclass
+class _Engine:
+    """One engine of the pack and what the steps have made for it so far."""
+
+    name: str
+    directory: Path
+    manifest: dict[str, Any]
+    model: Any = None  # the transformers reference, in the engine's dtype
+    engine: Any = None  # the loaded qwen2c engine
+    eager_tokens: list[int] | None = None  # transformers eager's greedy decode, to compare the others with
+    broken: str | None = None  # why the remaining steps are skipped
+
+
+def make_plan(engines: list[_Engine], sizes: Sizes) -> list[dict[str, Any]]:
+    """Every step of the check, in the order it runs."""
+    plan: list[dict[str, Any]] = [{"step": "reference"}, {"step": "bandwidth", "bytes": COPY_BYTES}]
+    for e in engines:
+        plan += [
+            {"step": "weights", "engine": e.name},
+            {"step": "load", "engine": e.name},
+            {"step": "parity", "engine": e.name, "routing": bool(e.manifest.get("moe"))},
+            *({"step": "prefill", "engine": e.name, "tokens": n, "contenders": ["engine", "eager"]} for n in sizes.prefill),
+            {"step": "decode", "engine": e.name, "prompt": sizes.prompt, "new_tokens": sizes.new_tokens,
+             "contenders": ["engine", "eager"]},
+        ]
+    plan += [{"step": "torch.compile", "engine": e.name, "mode": COMPILE_MODE,
+              "measures": ["decode", *(f"prefill {n}" for n in sizes.prefill)]} for e in engines]
+    plan += [{"step": "roofline", "engine": e.name,
+              "weight_bytes_per_token": decode_weight_bytes(e.manifest["model"]["config"], e.manifest["dtype"])}
+             for e in engines]
+    return plan
+
+
+class GpuCheck:
+    """Runs the plan over a pack's engines and keeps the results (see the module docstring)."""
+
+    def __init__(self, pack: Path, out: Path, sizes: Sizes, dry_run: bool, budget_s: float, seed: int):
+        self.pack, self.out, self.sizes, self.dry_run, self.seed = pack, out, sizes, dry_run, seed
+        self.device = "cpu" if dry_run else "cuda"
+        self.deadline = time.monotonic() + budget_s
+        self.start = time.monotonic()
+        self.info = read_json_object(pack / "pack.json", Qwen2cError)
+        self.engines = {e.name: e for e in _pack_engines(pack, self.info, sizes)}
+        self.results: dict[str, Any] = {
+            "mode": "dry-run" if dry_run else "gpu",
+            "pack": {"path": str(pack), "python": self.info["python"], "versions": self.info["versions"]},
+            "sizes": dataclasses.asdict(sizes),
+            "environment": environment(self.device),
+            "plan": make_plan(list(self.engines.values()), sizes),
+            "engines": {name: {"model": _model_summary(e.manifest), "manifest_gpu": e.manifest.get("gpu")}
+                        for name, e in self.engines.items()},
+            "errors": [],
+            "skipped": [],
+        }
+
+    def run(self) -> int:
+        """Every step of the plan; 0 when all ran and parity passed, 3 on a parity failure, 1 on errors."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for step in self.results["plan"]:
+            self._run_step(step)
+            self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
+            self._write()
+        parity = [r.get("parity") for r in self.results["engines"].values()]
+        if any(isinstance(p, dict) and not p["passed"] for p in parity):
+            return 3
+        return 1 if self.results["errors"] else 0
+
+    def _run_step(self, step: dict[str, Any]) -> None:
+        e = self.engines.get(step.get("engine", ""))
+        label = f"{step['step']}" + (f" {e.name}" if e else "")
+        if self.dry_run and step["step"] not in DRY_RUN_STEPS:
+            return
+        if e is not None and e.broken:
+            self.results["skipped"].append({**step, "reason": e.broken})
+            return
+        self.say(label)
+        try:
+            getattr(self, "_" + step["step"].replace(".", "_"))(step, e)
+        except Exception as err:  # noqa: BLE001  one failing step must not cost the rest of the lease
+            traceback.print_exc()
+            self.results["errors"].append({**step, "error": f"{type(err).__name__}: {err}"})
+            if e is not None and step["step"] in ("weights", "load"):
+                e.broken = f"{step['step']} failed"
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def _write(self) -> None:
+        tmp = self.out / f".{RESULTS}.tmp"
+        tmp.write_text(json.dumps(self.results, indent=2, default=_json_default) + "\n")
+        os.replace(tmp, self.out / RESULTS)
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _reference(self, step, _e) -> None:
+        self.results["reference"] = check_reference_cache(self.device)
+        if not self.results["reference"]["passed"]:
+            raise Qwen2cError("transformers' cached decode disagrees with its full forward: parity's reference is "
+                              f"wrong with this transformers ({self.results['reference']})")
+
+    def _bandwidth(self, step, _e) -> None:
+        self.results["bandwidth"] = measure_bandwidth(step["bytes"])
+
+    def _weights(self, step, e: _Engine) -> None:
+        if engine_dir.WEIGHTS in e.manifest["files"]:
+            raise Qwen2cError(f"{e.directory}: carries its own weights; the GPU check makes them from a seed, so "
+                              "pack the engine with --no-weights.")
+        if self.dry_run:  # the pack stays as it is: weights go beside copies of the engine's files
+            e.directory = _staged_copy(e.directory, self.out / "dry-run-engines" / e.name)
+        e.model = seeded_model(e.manifest["model"]["config"], e.manifest["dtype"], self.device, self.seed)
+        saved = save_weights(e.model, e.manifest, e.directory / engine_dir.WEIGHTS)
+        engine_dir.read_manifest(e.directory)  # the loader's own check: every expected tensor, dtype, shape
+        self.results["engines"][e.name]["weights"] = {**saved, "seed": self.seed, "device": self.device,
+                                                      "matches_manifest": True}
+
+    def _load(self, step, e: _Engine) -> None:
+        import qwen2c
+
+        result: dict[str, Any] = {}
+        if self.dry_run and self.info["python"] != _python_version():
+            result["stopped"] = (f"not loaded: the pack is for Python {self.info['python']} and this is "
+                                 f"{_python_version()} (its tvm_ffi core would not import)")
+        elif self.dry_run:
+            try:
+                qwen2c.load(e.directory)
+                raise Qwen2cError("the engine opened on a machine without a GPU; the dry run expected it not to")
+            except BackendUnavailableError as err:  # as far as a machine without a GPU goes
+                result["stopped"] = f"at the first CUDA call, as expected here: {err}"
+            result["tvm"] = tvm_runtime_check(self.pack / "site")
+        else:
+            start = time.perf_counter()
+            e.engine = qwen2c.load(e.directory)
+            result["seconds"] = round(time.perf_counter() - start, 2)
+            result["tvm"] = tvm_runtime_check(self.pack / "site")
+        self.results["engines"][e.name]["load"] = result
+        tvm_check = result.get("tvm")
+        if tvm_check and not tvm_check["passed"]:
+            raise Qwen2cError(f"TVM did not run from the pack's runtime alone: {tvm_check}")
+
+    def _parity(self, step, e: _Engine) -> None:
+        report = check_parity(e.engine, e.model, e.manifest["dtype"])
+        self.say(format_report(report))
+        self.results["engines"][e.name]["parity"] = report
+
+    def _prefill(self, step, e: _Engine) -> None:
+        ids = parity_prompt(e.engine.vocab_size, step["tokens"], seed=1)
+        timings = {
+            "engine": _rate(time_runs(lambda s: s.prefill(ids), e.engine.session, *PREFILL_RUNS, self._sync), len(ids)),
+            "eager": _rate(time_torch_prefill(e.model, ids, *PREFILL_RUNS), len(ids)),
+        }
+        self.results["engines"][e.name].setdefault("prefill", {})[str(step["tokens"])] = timings
+
+    def _decode(self, step, e: _Engine) -> None:
+        prompt = parity_prompt(e.engine.vocab_size, step["prompt"], seed=1)
+        engine_t, engine_tokens = time_engine_decode(e.engine, prompt, step["new_tokens"], self._sync)
+        eager_t, e.eager_tokens = time_torch_decode(e.model, e.model, _dynamic_cache(e.model), prompt,
+                                                    step["new_tokens"], EAGER_DECODE_RUNS)
+        self.results["engines"][e.name]["decode"] = {
+            "engine": {**_decode_rate(engine_t, step["new_tokens"]),
+                       "agrees_with_eager_for": _agree(engine_tokens, e.eager_tokens)},
+            "eager": _decode_rate(eager_t, step["new_tokens"]),
+        }
+
+    def _torch_compile(self, step, e: _Engine) -> None:
+        timeout = self.deadline - time.monotonic() - END_RESERVE_S
+        if timeout < MIN_COMPILE_S:
+            self.results["skipped"].append({**step, "reason": f"{timeout + END_RESERVE_S:.0f} s of the budget left"})
+            return
+        result = run_compile_worker(e.directory, self.sizes, self.out, e.name, timeout)
+        record = self.results["engines"][e.name]
+        decode = result.pop("decode", None)
+        if decode is not None:
+            tokens = decode.pop("tokens")
+            record.setdefault("decode", {})["torch.compile"] = {**decode,
+                                                               "agrees_with_eager_for": _agree(tokens, e.eager_tokens)}
+        for n in self.sizes.prefill:
+            if f"prefill {n}" in result:
+                record.setdefault("prefill", {}).setdefault(str(n), {})["torch.compile"] = result.pop(f"prefill {n}")
+        record["torch.compile"] = result
+        if result.get("error"):
+            raise Qwen2cError(f"torch.compile: {result['error']}")
+
+    def _roofline(self, step, e: _Engine) -> None:
+        record = self.results["engines"][e.name]
+        bandwidth = self.results.get("bandwidth")
+        if bandwidth is None or "decode" not in record:
+            raise Qwen2cError("no bandwidth or decode measurement to compare")
+        record["roofline"] = roofline(e.manifest["model"]["config"], e.manifest["dtype"], bandwidth["GB_s"],
+                                      {k: v["ms_per_token"] for k, v in record["decode"].items()})
+
+
+# -- building blocks ------------------------------------------------------------------------
+
+
+def _pack_engines(pack: Path, info: dict[str, Any], sizes: Sizes) -> list[_Engine]:
+    """The pack's engines, as pack.json lists them; each must be a CUDA engine the sizes fit."""
+    engines = []
+    for entry in info.get("engines", []):
+        directory = pack / "engines" / entry["name"]
+        manifest = engine_dir.read_manifest(directory, verify=False)
+        if manifest["target"]["device"] != "cuda":
+            raise Qwen2cError(f"{directory}: a {manifest['target']['name']} engine; the GPU check runs CUDA engines.")
+        sizes.check(entry["name"], manifest["max_context"])
+        engines.append(_Engine(entry["name"], directory, manifest))
+    if not engines:
+        raise Qwen2cError(f"{pack}/pack.json lists no engines.")
+    return engines
+
+
+def _model_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"source": manifest["model"]["source"], "dtype": manifest["dtype"], "parameters": manifest["model"]["parameters"],
+            "max_context": manifest["max_context"], "moe": manifest.get("moe"), "target": manifest["target"]}
+
+
+def _python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _staged_copy(source: Path, dest: Path) -> Path:
+    """``dest`` holding links to ``source``'s files: an engine folder to add weights to, leaving ``source`` as is."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        link = dest / f.name
+        if f.name != engine_dir.WEIGHTS and not link.exists():
+            link.symlink_to(f.resolve())
+    return dest
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, and on the GPU the card this ran on."""
+    import transformers
+
+    import qwen2c
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "numpy": np.__version__,
+                           "qwen2c": str(Path(qwen2c.__file__).parent)}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count,
+                      "memory_gib": round(p.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    return env
+
+
+def tvm_runtime_check(site: Path) -> dict[str, Any]:
+    """Whether TVM came from the pack, with its CUDA runtime library, and left its compiler library
+    unmapped (runtime only)."""
+    import tvm
+
+    maps = Path("/proc/self/maps").read_text()
+    package = Path(tvm.__file__).resolve().parent
+    checks = {"from_pack": package.is_relative_to(site.resolve()), "compiler_unmapped": "libtvm_compiler" not in maps,
+              "runtime_mapped": "libtvm_runtime.so" in maps,
+              "cuda_runtime_present": (package / "lib" / "libtvm_runtime_cuda.so").is_file()}
+    return {"tvm": str(package), **checks, "passed": all(checks.values())}
+
+
+def check_reference_cache(device: str, steps: int = 3) -> dict[str, Any]:
+    """parity.reference_steps (decode through the KV cache) against one forward over the whole sequence,
+    on a tiny float32 Qwen2: they agree when this transformers honours the cache as parity passes it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompt = parity_prompt(256, 8)
+    stepped, fed, _ = reference_steps(model, prompt, steps)
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([prompt + fed], device=device)).logits[0, len(prompt) - 1:].float().cpu().numpy()
+    err = float(max(np.abs(s - f).max() for s, f in zip(stepped, full)))
+    return {"max_abs_err": err, "passed": err < 1e-3}
+
+
+def seeded_model(config: dict[str, Any], dtype: str, device: str, seed: int):
+    """A transformers model for ``config`` in ``dtype``, with weights drawn from ``seed`` on ``device``.
+
+    As tests/conftest.py does for its checkpoints: biases and norm weights are perturbed
+    (transformers starts them at 0 and 1, which would hide a kernel that drops them), and MoE routers
+    scaled up so routing is decisive (near zero, every expert is about equally likely and rounding
+    would choose).
+    """
+    import transformers
+
+    hf = hf_config(config)
+    model_class = getattr(transformers, MODEL_CLASSES[config["model_type"]][1])
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(TORCH_DTYPES[dtype])  # drawn in the dtype: no float32 copy to convert
+    try:
+        with torch.device(device):
+            model = model_class(hf)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_moe(hf) and name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 3.0 / hf.hidden_size**0.5)
+            elif name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def save_weights(model, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Save the tensors the engine's manifest names (tied weights once, under the key it gives)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    keys = list(dict.fromkeys(p["key"] for p in manifest["params"]))
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise Qwen2cError(f"{path.parent}: the manifest names weights this transformers' model lacks: "
+                          f"{', '.join(missing[:5])}")
+    save_file({k: state[k].detach().contiguous() for k in keys}, str(path), metadata={"format": "pt"})
+    return {"file": str(path), "tensors": len(keys), "bytes": path.stat().st_size}
+
+
+def measure_bandwidth(nbytes: int, warmup: int = 3, repeats: int = 20) -> dict[str, Any]:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (median, CUDA events)."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")  # not zeros: see METHOD.md
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    median = statistics.median(times)
+    return {"bytes_moved": 2 * nbytes, "median_ms": median * 1e3, "min_ms": min(times) * 1e3,
+            "GB_s": 2 * nbytes / median / 1e9, "repeats": repeats}
+
+
+def time_runs(run: Callable[[Any], Any], setup: Callable[[], Any] | None, warmup: int, repeats: int,
+              sync: Callable[[], None]) -> tuple[dict[str, Any], Any]:
+    """Median wall time of ``run(setup())`` (``setup`` untimed), synchronised on both sides; and the last
+    run's result."""
+    times, result = [], None
+    for i in range(warmup + repeats):
+        state = setup() if setup else None
+        sync()
+        start = time.perf_counter()
+        result = run(state)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "warmup": warmup, "repeats": repeats}, result
+
+
+def _torch_sync(model) -> Callable[[], None]:
+    return torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+
+
+def _cache_kwargs(model, cache) -> dict[str, Any]:
+    """The KV cache under the name this transformers' forward takes: ``cache`` in 5.24,
+    ``past_key_values`` in 5.17 (which passes an unknown ``cache=`` on, ignored)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def _dynamic_cache(model) -> Callable[[], Any]:
+    from transformers import DynamicCache
+
+    return lambda: DynamicCache(config=model.config)
+
+
+def time_torch_prefill(forward, ids: list[int], warmup: int, repeats: int,
+                       step_begin: Callable[[], None] | None = None) -> dict[str, Any]:
+    """A transformers prefill, last position's logits only; no KV cache is kept (its writes are a
+    negligible part of a prefill, and a compiled graph then needs no cache object)."""
+    model = getattr(forward, "_orig_mod", forward)
+    t = torch.tensor([ids], device=next(model.parameters()).device)
+
+    def run(_):
+        if step_begin:
+            step_begin()
+        return forward(input_ids=t, use_cache=False, logits_to_keep=1)
+
+    with torch.no_grad():
+        timing, _ = time_runs(run, None, warmup, repeats, _torch_sync(model))
+    return timing
+
+
+def time_torch_decode(model, forward, new_cache: Callable[[], Any], prompt: list[int], steps: int,
+                      runs: tuple[int, int], step_begin: Callable[[], None] | None = None) -> tuple[dict[str, Any], list[int]]:
+    """``steps`` greedy decode steps through ``forward`` after an (untimed, eager) prefill of ``prompt``;
+    the greedy token stays on the device. Returns the timing and the tokens fed."""
+    device = next(model.parameters()).device
+
+    def setup():
+        cache = new_cache()
+        out = model(input_ids=torch.tensor([prompt], device=device), **_cache_kwargs(model, cache), use_cache=True,
+                    logits_to_keep=1)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def run(state):
+        cache, token = state
+        kwargs = _cache_kwargs(model, cache)
+        tokens = []
+        for _ in range(steps):
+            if step_begin:
+                step_begin()
+            token = forward(input_ids=token, **kwargs, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        return tokens
+
+    with torch.no_grad():
+        timing, tokens = time_runs(run, setup, *runs, _torch_sync(model))
+    return timing, [int(t) for t in torch.cat(tokens).reshape(-1).tolist()]
+
+
+def time_engine_decode(engine, prompt: list[int], steps: int, sync) -> tuple[dict[str, Any], list[int]]:
+    """``steps`` greedy decode steps of a qwen2c engine after an untimed prefill of ``prompt``."""
+
+    def setup():
+        session = engine.session()
+        return session, int(np.argmax(session.prefill(prompt)))
+
+    def run(state):
+        session, token = state
+        tokens = []
+        for _ in range(steps):
+            token = int(np.argmax(session.decode(token)))
+            tokens.append(token)
+        return tokens
+
+    return time_runs(run, setup, *ENGINE_DECODE_RUNS, sync)
+
+
+def _rate(timing: dict[str, Any], tokens: int) -> dict[str, Any]:
+    return {"tok_s": tokens / timing["median_s"], **timing}
+
+
+def _decode_rate(timing: dict[str, Any], steps: int) -> dict[str, Any]:
+    return {"ms_per_token": 1e3 * timing["median_s"] / steps, "tok_s": steps / timing["median_s"], **timing}
+
+
+def _agree(tokens: list[int] | None, reference: list[int] | None) -> int | None:
+    """How many leading greedy tokens equal the reference's (random weights make near-ties common:
+    a sanity signal, not a verdict)."""
+    if tokens is None or reference is None:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+def decode_weight_bytes(config: dict[str, Any], dtype: str) -> int:
+    """Weight bytes one decode token reads: the parameters it uses (MoE: its routed experts only),
+    less the input embedding table when it is not tied to the output projection (a token reads one
+    row of it). The KV cache is left out: at these lengths it is well under 1% of the weights."""
+    hf = hf_config(config)
+    params = active_param_count(hf)
+    if not hf.tie_word_embeddings:
+        params -= hf.vocab_size * hf.hidden_size
+    return params * DTYPE_BYTES[dtype]
+
+
+def roofline(config: dict[str, Any], dtype: str, gb_s: float, ms_per_token: dict[str, float]) -> dict[str, Any]:
+    """The bandwidth floor of a decode step and each contender's decode as a percentage of it."""
+    nbytes = decode_weight_bytes(config, dtype)
+    floor_ms = nbytes / (gb_s * 1e9) * 1e3
+    return {"weight_bytes_per_token": nbytes, "bandwidth_GB_s": gb_s, "floor_ms_per_token": floor_ms,
+            "percent_of_roofline": {k: 100 * floor_ms / ms for k, ms in ms_per_token.items()}}
+
+
+# -- torch.compile, in a subprocess with a deadline ------------------------------------------
+
+
+def run_compile_worker(engine: Path, sizes: Sizes, out: Path, name: str, timeout: float) -> dict[str, Any]:
+    """Time torch.compile on ``engine``'s weights in a child process killed at ``timeout`` seconds;
+    what it measured before then is kept. Its log goes to OUT/compile-NAME.log."""
+    result_file, log_file = out / f".compile-{name}.json", out / f"compile-{name}.log"
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "qwen2c.gpu_check", "--compile-worker", str(engine), "--out", str(result_file),
+           "--prompt-tokens", str(sizes.prompt), "--new-tokens", str(sizes.new_tokens),
+           "--prefill-tokens", ",".join(map(str, sizes.prefill))]
+    start = time.monotonic()
+    with open(log_file, "w") as log:
+        # Its own process group: inductor's compile workers go with it when the deadline kills it.
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    result_file.unlink(missing_ok=True)
+    result.update({"seconds": round(time.monotonic() - start, 1), "timeout_s": round(timeout), "log": log_file.name})
+    if child.returncode != 0:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+        reason = f"killed at the {timeout:.0f} s deadline" if child.returncode == -signal.SIGKILL else \
+            f"exit code {child.returncode}"
+        result["error"] = f"{reason}; log tail: {' | '.join(tail)}"
+    return result
+
+
+def compile_worker(engine: Path, out: Path, sizes: Sizes, mode: str = COMPILE_MODE, device: str = "cuda") -> None:
+    """In the child: torch.compile(mode) decode (a StaticCache, CUDA graphs) and prefill timings on the
+    engine's weights, each written to ``out`` as soon as it is measured."""
+    from transformers import StaticCache
+
+    manifest = engine_dir.read_manifest(engine, verify=False)
+    _, model = load_reference(resolve_model(str(engine)), manifest["dtype"], copies=1.2)
+    model.to(device)
+    compiled = torch.compile(model, mode=mode, dynamic=False)
+    results: dict[str, Any] = {"mode": mode}
+    vocab = manifest["model"]["config"]["vocab_size"]
+    prompt = parity_prompt(vocab, sizes.prompt, seed=1)
+    cache = StaticCache(config=model.config, max_cache_len=sizes.prompt + sizes.new_tokens)
+
+    def reset_cache():
+        cache.reset()  # in place: a CUDA graph keeps the cache's addresses
+        return cache
+
+    start = time.monotonic()
+    timing, tokens = time_torch_decode(model, compiled, reset_cache, prompt, sizes.new_tokens, COMPILED_DECODE_RUNS,
+                                       step_begin=torch.compiler.cudagraph_mark_step_begin)
+    results["decode"] = {**_decode_rate(timing, sizes.new_tokens), "tokens": tokens,
+                         "with_compile_s": round(time.monotonic() - start, 1)}
+    _write_json(out, results)
+    for n in sizes.prefill:
+        start = time.monotonic()
+        timing = time_torch_prefill(compiled, parity_prompt(vocab, n, seed=1), *PREFILL_RUNS,
+                                    step_begin=torch.compiler.cudagraph_mark_step_begin)
+        results[f"prefill {n}"] = {**_rate(timing, n), "with_compile_s": round(time.monotonic() - start, 1)}
+        _write_json(out, results)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def format_plan(plan: list[dict[str, Any]]) -> str:
+    lines = ["plan:"]
+    for s in plan:
+        detail = {k: v for k, v in s.items() if k not in ("step", "engine")}
+        lines.append(f"  {s['step']:<13} {s.get('engine', ''):<16} {json.dumps(detail) if detail else ''}".rstrip())
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The summary printed last (the device call's reply shows only the end of the output)."""
+    env, bw = results["environment"], results.get("bandwidth")
+    gpu = env.get("gpu", {}).get("name", "no GPU (dry run)")
+    lines = [f"GPU check ({results['mode']}): {gpu}; torch {env['torch']}, transformers {env['transformers']}; "
+             + (f"copy bandwidth {bw['GB_s']:.0f} GB/s; " if bw else "") + f"{results.get('elapsed_s', 0):.0f} s"]
+    for name, r in results["engines"].items():
+        m = r["model"]
+        lines.append(f"{name} ({m['dtype']}, {m['parameters'] / 1e6:.1f}M parameters)")
+        if "weights" in r:
+            lines.append(f"  weights: {r['weights']['tensors']} tensors, {r['weights']['bytes'] / 1e6:.1f} MB, "
+                         "match the manifest")
+        if "load" in r and "stopped" in r["load"]:
+            lines.append(f"  load: {r['load']['stopped']}")
+        if "parity" in r:
+            p = r["parity"]
+            routing = p.get("routing")
+            lines.append(f"  parity: {'PASS' if p['passed'] else 'FAIL'} (max abs err {p['max_abs_err']:.3g}, greedy "
+                         f"{p['greedy_agreement']}" + (f", routing {routing['agree']}/{routing['choices']}"
+                                                        f"{'' if routing['passed'] else ' FAIL'}" if routing else "") + ")")
+        for n, t in r.get("prefill", {}).items():
+            lines.append(f"  prefill {n:>5} tok/s: " + "  ".join(f"{k} {v['tok_s']:,.0f}" for k, v in t.items()))
+        roof = r.get("roofline", {}).get("percent_of_roofline", {})
+        for k, v in r.get("decode", {}).items():
+            if isinstance(v, dict):
+                lines.append(f"  decode {k:>13}: {v['ms_per_token']:7.3f} ms/token {v['tok_s']:8.1f} tok/s"
+                             + (f"  {roof[k]:5.1f}% of roofline" if k in roof else ""))
+        if "roofline" in r:
+            rf = r["roofline"]
+            lines.append(f"  roofline: {rf['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token -> "
+                         f"floor {rf['floor_ms_per_token']:.3f} ms/token")
+    for s in results["skipped"]:
+        lines.append(f"skipped: {s['step']} {s.get('engine', '')}: {s['reason']}")
+    for e in results["errors"]:
+        lines.append(f"ERROR: {e['step']} {e.get('engine', '')}: {e['error'][:300]}")
+    return "\n".join(lines)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qwen2c.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pack", type=Path, help="a folder made by `qwen2c pack --no-weights` holding CUDA engines")
+    p.add_argument("--out", type=Path, required=True, help=f"folder for {RESULTS} and the torch.compile logs")
+    p.add_argument("--dry-run", action="store_true", help="run what needs no GPU, plan the rest; never touch CUDA")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds the whole check may take")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights made for each engine")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt before the timed decode steps")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed")
+    p.add_argument("--prefill-tokens", default="128,1024", help="prompt lengths timed for prefill, comma-separated")
+    p.add_argument("--compile-worker", type=Path, help=argparse.SUPPRESS)  # the child run_compile_worker starts
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        sizes = Sizes(args.prompt_tokens, args.new_tokens, tuple(int(n) for n in args.prefill_tokens.split(",")))
+    except ValueError:
+        print(f"--prefill-tokens {args.prefill_tokens!r}: expected comma-separated integers", file=sys.stderr)
+        return 2
+    if args.compile_worker:
+        compile_worker(args.compile_worker, args.out, sizes)
+        return 0
+    if args.pack is None:
+        print("--pack is required", file=sys.stderr)
+        return 2
+    try:
+        _check_runs_from_pack(args.pack)
+        check = GpuCheck(args.pack, args.out, sizes, args.dry_run, args.budget_s, args.seed)
+    except Qwen2cError as e:
+        print(f"gpu_check: error: {e}", file=sys.stderr)
+        return e.exit_code
+    check.say(format_plan(check.results["plan"]))
+    code = check.run()
+    print(format_table(check.results))
+    print(f"results: {args.out / RESULTS}")
+    return code
+
+
+def _check_runs_from_pack(pack: Path) -> None:
+    """The check is of the packed qwen2c: refuse to run another copy (env.sh sets PYTHONPATH)."""
+    import qwen2c
+
+    site = (pack / "site").resolve()
+    if not Path(qwen2c.__file__).resolve().is_relative_to(site):
+        raise Qwen2cError(f"qwen2c was imported from {Path(qwen2c.__file__).parent}, not from {site}: "
+                          f"`source {pack}/env.sh` first, so the packed copy is the one checked.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
