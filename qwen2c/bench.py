@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_reference, resolve_model
-from .parity import parity_prompt
+from .parity import cache_kwargs, parity_prompt
 from .runtime import load
 
 
@@ -56,11 +56,11 @@ def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 
     def eager_decode() -> float:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([prompt[:8]]), cache=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=torch.tensor([prompt[:8]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             start = time.perf_counter()
             for _ in range(decode_tokens):
                 token = int(out.logits[0, -1].argmax())
-                out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=torch.tensor([[token]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
     with torch.no_grad():

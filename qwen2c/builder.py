@@ -95,12 +95,17 @@ def build(
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
     clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
     module = build_relax_module(program, config, dtype, moe_dispatch)
-    executable = compile_module(module, spec)
+    compiled = compile_module(module, spec)
+    if compiled.launches:
+        n = compiled.launches
+        progress(f"    decode step: {n['kernels']} kernels + {n['kv_cache_calls']} KV-cache calls; "
+                 f"{n['host_launches']} host launches ({n['kernels_in_graphs']} kernels in "
+                 f"{n['graph_replays']} CUDA-graph replays)")
 
     staging = engine_dir.make_staging(out)
     try:
         clock.step("writing the engine")
-        device_code = write_library(executable, spec, staging / engine_dir.LIBRARY, linker, progress)
+        device_code = write_library(compiled.executable, spec, staging / engine_dir.LIBRARY, linker, progress)
         params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
         cfg = dict(source.config)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -110,6 +115,7 @@ def build(
                       "parameters": source.param_count()},
             "target": spec.to_json(),
             "device_code": device_code,
+            "launches": compiled.launches,
             "backend": spec.backend,
             "dtype": dtype,
             "max_context": max_context,

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Re-run the parity check of an engine against transformers on its own weights.")
     v.add_argument("engine", help="engine directory")
     v.add_argument("--decode-steps", type=int, default=8)
+    v.add_argument("--no-record", action="store_true",
+                   help="do not write the result into the engine's manifest (default: record it)")
     be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
                         description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
     be.add_argument("engine", help="engine directory")
@@ -77,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                          "supplied later")
     pk.add_argument("--no-tokenizer", action="store_true", help="leave out the tokenizer files")
     pk.add_argument("--force", action="store_true", help="replace an existing pack (only once the new one is complete)")
+    t = sub.add_parser("targets", help="list the targets and what this machine can do for each",
+                       description="For every registered target: 'build and run', 'build' (engines run elsewhere) "
+                                   "or 'neither', with the reason, from the same checks a build makes.")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
-                "pack": _pack}[args.command](args)
+                "pack": _pack, "targets": _targets}[args.command](args)
     except Qwen2cError as e:
         print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -139,7 +145,7 @@ def _run(args) -> int:
 def _verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.engine, decode_steps=args.decode_steps)
+    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record)
     from .parity import format_report
 
     print(format_report(report))
@@ -170,6 +176,14 @@ def _pack(args) -> int:
     summary = pack(args.engines, args.output, python=args.python, weights=not args.no_weights,
                    tokenizer=not args.no_tokenizer, force=args.force, progress=_progress)
     print(format_pack(summary, args.output))
+    return 0
+
+
+def _targets(args) -> int:
+    from .target_support import format_support, target_support, to_json
+
+    support = target_support()
+    print(to_json(support) if args.json else format_support(support))
     return 0
 
 

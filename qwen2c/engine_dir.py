@@ -91,6 +91,20 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
+def record_in_manifest(directory: Path, key: str, value: Any) -> None:
+    """Set one top-level field of an engine's manifest (e.g. the parity ``qwen2c verify`` measured).
+
+    The manifest is not in its own checksum table, so nothing else changes; it is replaced by a
+    rename, so an interrupted write leaves the old manifest whole.
+    """
+    path = Path(directory) / MANIFEST
+    manifest = read_json_object(path, EngineError)
+    manifest[key] = value
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     """The manifest, after checking (``verify``) every listed file's size and SHA-256, and a weights
     file supplied after packing against the tensors the manifest expects."""

@@ -19,6 +19,7 @@ as a near-tie, not a failure (either pick is correct to that precision).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -38,6 +39,13 @@ def parity_prompt(vocab_size: int, length: int = DEFAULT_PROMPT_TOKENS, seed: in
     return torch.randint(0, vocab_size, (length,), generator=gen).tolist()
 
 
+def cache_kwargs(model, cache) -> dict[str, Any]:
+    """The KV cache as this transformers' forward takes it: ``cache`` (5.24), ``past_key_values``
+    (5.17, which passes an unknown ``cache=`` on to the attention layers, where it is ignored)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def reference_steps(model, prompt: list[int], steps: int, feed: list[int] | None = None):
     """The reference's last-position logits after the prompt and after each decode step, the tokens
     fed, and (MoE) each step's routing: per sparse layer, (router probabilities, experts).
@@ -55,7 +63,7 @@ def reference_steps(model, prompt: list[int], steps: int, feed: list[int] | None
     with torch.no_grad():
         for i in range(steps + 1):
             with capture_routing(model, with_logits=True) as layers:
-                out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             routing.append([(torch.softmax(lg.float(), -1).cpu().numpy(), ex.cpu().numpy()) for lg, ex in layers])
             step = out.logits[0, -1].float().cpu().numpy()
             logits.append(step)

@@ -1,7 +1,10 @@
 """``qwen2c verify``: parity of an engine against transformers, rebuilt from the engine's own files.
 
 The engine directory is also a transformers checkpoint (config.json + model.safetensors), so the
-reference model is loaded from exactly the weights the engine runs.
+reference model is loaded from exactly the weights the engine runs, on the engine's device (a
+CUDA engine is checked against transformers on the same GPU). The result is recorded in the
+manifest's ``parity`` field: an engine built where it could not run ("not run (no cuda device)")
+gets its parity filled in where it runs.
 """
 
 from __future__ import annotations
@@ -9,12 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import engine_dir
 from .checkpoint import load_reference, resolve_model
 from .parity import DEFAULT_DECODE_STEPS, check_parity
 from .runtime import load
 
+TORCH_DEVICES = {"cpu": "cpu", "cuda": "cuda", "rocm": "cuda"}  # PyTorch's ROCm build calls its GPUs "cuda"
 
-def verify(directory: str | Path, decode_steps: int = DEFAULT_DECODE_STEPS) -> dict[str, Any]:
+
+def verify(directory: str | Path, decode_steps: int = DEFAULT_DECODE_STEPS, record: bool = True) -> dict[str, Any]:
     engine = load(directory)
-    _, reference = load_reference(resolve_model(str(directory)), engine.manifest["dtype"], copies=2.2)
-    return check_parity(engine, reference, engine.manifest["dtype"], decode_steps=decode_steps)
+    dtype = engine.manifest["dtype"]
+    device = TORCH_DEVICES.get(engine.manifest["target"]["device"], "cpu")
+    on_gpu = device != "cpu"
+    # Host copies: the reference (and for half precision its float32 copy) live on the GPU there.
+    _, reference = load_reference(resolve_model(str(directory)), dtype,
+                                  copies=1.2 if on_gpu else (2.2 if dtype == "float32" else 4.2))
+    report = check_parity(engine, reference.to(device), dtype, decode_steps=decode_steps)
+    if record:
+        engine_dir.record_in_manifest(Path(directory), "parity", report)
+    return report

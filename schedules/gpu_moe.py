@@ -28,42 +28,42 @@ def route_kernel(experts: int, top_k: int, norm_topk_prob: bool, dtype: str = "f
     """``(logits[t, E]) -> (weights[t, k] f32, experts[t, k] i32)``."""
     E, K, TB = T.int64(experts), T.int64(top_k), T.int64(TOKENS_PER_BLOCK)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, s_tir=True)
     def moe_route(a: T.handle, w: T.handle, i: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
         t = T.int64()
         logits = T.match_buffer(a, (t, E), dtype)
         weights = T.match_buffer(w, (t, K), "float32")
         chosen = T.match_buffer(i, (t, K), "int32")
-        for bx in T.thread_binding((t + TB - T.int64(1)) // TB, thread="blockIdx.x"):
-            for tx in T.thread_binding(TB, thread="threadIdx.x"):
-                probs = T.alloc_buffer((E,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")
-                best = T.alloc_buffer((1,), "int32", scope="local")
-                n = bx * TB + tx
-                if n < t:
-                    stat[0] = T.Cast("float32", logits[n, 0])
-                    for e in range(E):
-                        stat[0] = T.max(stat[0], T.Cast("float32", logits[n, e]))
-                    stat[1] = T.float32(0)
-                    for e in range(E):
-                        probs[e] = T.exp(T.Cast("float32", logits[n, e]) - stat[0])
-                        stat[1] = stat[1] + probs[e]
-                    for e in range(E):
-                        probs[e] = probs[e] / stat[1]
-                    stat[1] = T.float32(0)
-                    for j in range(K):
-                        best[0] = 0
+        with T.sblock("root"):  # one-input kernels need a root block (see cpu_moe._ROOT_BLOCK)
+            probs = T.alloc_buffer((E,), "float32", scope="local")
+            stat = T.alloc_buffer((2,), "float32", scope="local")
+            best = T.alloc_buffer((1,), "int32", scope="local")
+            for bx in T.thread_binding((t + TB - T.int64(1)) // TB, thread="blockIdx.x"):
+                for tx in T.thread_binding(TB, thread="threadIdx.x"):
+                    if bx * TB + tx < t:
+                        stat[0] = T.Cast("float32", logits[bx * TB + tx, 0])
                         for e in range(E):
-                            if probs[e] > probs[best[0]]:
-                                best[0] = T.int32(e)
-                        chosen[n, j] = best[0]
-                        weights[n, j] = probs[best[0]]
-                        stat[1] = stat[1] + probs[best[0]]
-                        probs[best[0]] = T.float32(-1)
-                    if norm_topk_prob:
+                            stat[0] = T.max(stat[0], T.Cast("float32", logits[bx * TB + tx, e]))
+                        stat[1] = T.float32(0)
+                        for e in range(E):
+                            probs[e] = T.exp(T.Cast("float32", logits[bx * TB + tx, e]) - stat[0])
+                            stat[1] = stat[1] + probs[e]
+                        for e in range(E):
+                            probs[e] = probs[e] / stat[1]
+                        stat[1] = T.float32(0)
                         for j in range(K):
-                            weights[n, j] = weights[n, j] / stat[1]
+                            best[0] = 0
+                            for e in range(E):
+                                if probs[e] > probs[best[0]]:
+                                    best[0] = T.int32(e)
+                            chosen[bx * TB + tx, j] = best[0]
+                            weights[bx * TB + tx, j] = probs[best[0]]
+                            stat[1] = stat[1] + probs[best[0]]
+                            probs[best[0]] = T.float32(-1)
+                        if norm_topk_prob:
+                            for j in range(K):
+                                weights[bx * TB + tx, j] = weights[bx * TB + tx, j] / stat[1]
 
     return moe_route
 
@@ -99,7 +99,7 @@ def group_kernel(experts: int, max_threads: int = 1024):
     TH = T.int64(min(experts, max_threads))
     PER = T.int64(-(-experts // min(experts, max_threads)))
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, s_tir=True)
     def moe_group(i: T.handle, r: T.handle, so: T.handle, off: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
         s = T.int64()
@@ -107,30 +107,31 @@ def group_kernel(experts: int, max_threads: int = 1024):
         rows = T.match_buffer(r, (s,), "int32")
         slot_of = T.match_buffer(so, (s,), "int32")
         offsets = T.match_buffer(off, (E + T.int64(1),), "int32")
-        for bx in T.thread_binding(1, thread="blockIdx.x"):
-            for tx in T.thread_binding(TH, thread="threadIdx.x"):
-                count = T.alloc_buffer((1,), "int32", scope="local")
-                for q in range(PER):
-                    if q * TH + tx < E:
-                        count[0] = 0
-                        for p in range(s):
-                            if chosen[p] == T.Cast("int32", q * TH + tx):
-                                count[0] = count[0] + 1
-                        offsets[q * TH + tx + T.int64(1)] = count[0]
-                T.tvm_storage_sync("shared")
-                if tx == T.int64(0):
-                    offsets[0] = 0
-                    for e in range(E):
-                        offsets[e + T.int64(1)] = offsets[e + T.int64(1)] + offsets[e]
-                T.tvm_storage_sync("shared")
-                for q in range(PER):
-                    if q * TH + tx < E:
-                        count[0] = offsets[q * TH + tx]
-                        for p in range(s):
-                            if chosen[p] == T.Cast("int32", q * TH + tx):
-                                rows[count[0]] = T.Cast("int32", p)
-                                slot_of[p] = count[0]
-                                count[0] = count[0] + 1
+        with T.sblock("root"):  # one-input kernels need a root block (see cpu_moe._ROOT_BLOCK)
+            count = T.alloc_buffer((1,), "int32", scope="local")
+            for bx in T.thread_binding(1, thread="blockIdx.x"):
+                for tx in T.thread_binding(TH, thread="threadIdx.x"):
+                    for q in range(PER):
+                        if q * TH + tx < E:
+                            count[0] = 0
+                            for p in range(s):
+                                if chosen[p] == T.Cast("int32", q * TH + tx):
+                                    count[0] = count[0] + 1
+                            offsets[q * TH + tx + T.int64(1)] = count[0]
+                    T.tvm_storage_sync("shared")
+                    if tx == T.int64(0):
+                        offsets[0] = 0
+                        for e in range(E):
+                            offsets[e + T.int64(1)] = offsets[e + T.int64(1)] + offsets[e]
+                    T.tvm_storage_sync("shared")
+                    for q in range(PER):
+                        if q * TH + tx < E:
+                            count[0] = offsets[q * TH + tx]
+                            for p in range(s):
+                                if chosen[p] == T.Cast("int32", q * TH + tx):
+                                    rows[count[0]] = T.Cast("int32", p)
+                                    slot_of[p] = count[0]
+                                    count[0] = count[0] + 1
 
     return moe_group
 

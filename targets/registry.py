@@ -29,6 +29,7 @@ class TargetSpec:
     cross_compiler: str | None = None  # links the library when this machine is another arch
     arches: tuple[str, ...] = ()  # GPU: device architectures compiled for (sm_90, gfx942, ...)
     known_arches: tuple[str, ...] = ()  # GPU: the ones --arch accepts
+    multi_arch: bool = False  # GPU: one build serves several arches (CUDA: one fatbin); else one per build
     default_dtype: str = "float32"  # when --dtype is not given (GPU: the checkpoint's)
     cannot_build: str | None = None  # why TVM here cannot emit code for it (refused up front)
 
@@ -57,7 +58,13 @@ class TargetSpec:
         if unknown or not wanted:
             raise Qwen2cError(
                 f"--arch {arches!r}: {', '.join(unknown) or 'nothing'} is not an architecture of {self.name}; "
-                f"choose from {', '.join(self.known_arches)} (several at once, comma-separated)."
+                f"choose from {', '.join(self.known_arches)}"
+                + (" (several at once, comma-separated)." if self.multi_arch else ".")
+            )
+        if len(wanted) > 1 and not self.multi_arch:
+            raise Qwen2cError(
+                f"--arch {arches!r}: a {self.name} build is for one architecture (TVM compiles its device code for a "
+                f"single processor, and that code runs on no other); build once per architecture, e.g. --arch {wanted[0]}."
             )
         return dataclasses.replace(self, arches=wanted)
 
@@ -132,13 +139,15 @@ TARGETS.register(TargetSpec(
 
 CUDA_ARCHES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 TARGETS.register(TargetSpec(
-    "cuda", "tvm", {"kind": "cuda"}, "cuda",
+    "cuda", "tvm", {"kind": "cuda", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                    "thread_warp_size": 32}, "cuda",
     "NVIDIA GPUs (Turing sm_75 to Hopper sm_90); device code compiled here with nvcc into a fatbin",
-    arches=("sm_90",), known_arches=CUDA_ARCHES, default_dtype="checkpoint",
+    arches=("sm_90",), known_arches=CUDA_ARCHES, multi_arch=True, default_dtype="checkpoint",
 ))
 TARGETS.register(TargetSpec(
     "rocm", "tvm", {"kind": "rocm"}, "rocm",
-    "AMD Instinct GPUs (gfx90a MI200, gfx942 MI300); code objects made with ROCm's device bitcode and ld.lld",
+    "AMD Instinct GPUs (gfx90a MI200, gfx942 MI300), one architecture per build; code objects (v6) linked here "
+    "with ld.lld 19+ and ROCm's device bitcode",
     arches=("gfx942",), known_arches=("gfx90a", "gfx942"), default_dtype="checkpoint",
 ))
 TARGETS.register(TargetSpec(
@@ -158,8 +167,9 @@ TARGETS.register(TargetSpec(
 ))
 TARGETS.register(TargetSpec(
     "webgpu", "tvm", {"kind": "webgpu"}, "webgpu", "WebGPU (WGSL)",
-    cannot_build="TVM's WebGPU code generator refuses 64-bit integers, which the paged KV cache's kernels "
-                 "index with; qwen2c cannot emit a WebGPU engine.",
+    cannot_build="TVM's WebGPU code generator has no 64-bit integers, and the engine takes its token ids as int64 "
+                 "(the kernels that cast them to int32 fail: \"CodeGenWebGPU: do not support i64\"); a WebGPU "
+                 "engine would also need TVM's WebAssembly/JavaScript runtime, which qwen2c does not package.",
 ))
 
 

@@ -36,7 +36,7 @@ def _llvm_sources(executable) -> list[str]:
 
 
 def test_noalias_kernels_are_built_apart_from_the_other_tir():
-    executable = compile_module(_module(), SPEC)
+    executable = compile_module(_module(), SPEC).executable
     sources = _llvm_sources(executable)
     kernels = [s for s in sources if re.search(r"@__tvm_ffi_nt_matmul\w*\(", s)]
     assert len(kernels) == 1 and len(sources) >= 2
@@ -45,7 +45,7 @@ def test_noalias_kernels_are_built_apart_from_the_other_tir():
 
 
 def test_compiled_module_computes_linear_silu():
-    vm = relax.VirtualMachine(compile_module(_module(), SPEC), tvm.cpu())
+    vm = relax.VirtualMachine(compile_module(_module(), SPEC).executable, tvm.cpu())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, LANES * 4), dtype=np.float32)
     w = rng.standard_normal((8, LANES * 4), dtype=np.float32)

@@ -17,8 +17,41 @@ from qwen2c.errors import BackendUnavailableError
 from qwen2c.pack import pack
 from qwen2c.presets import preset_config
 
+REPO = Path(__file__).parents[1]
 # Small enough for engines built with --max-context 64; the real run uses 128 / 128 / 128,1024.
 SIZES = ["--prompt-tokens", "16", "--new-tokens", "16", "--prefill-tokens", "16,48"]
+
+
+# The real run's steps, from a pack of CPU engines, in a process set up by env.sh as on the GPU
+# machine; only what needs CUDA is replaced: the copy bandwidth, and the torch.compile child.
+CPU_RUN = """
+import sys
+from pathlib import Path
+from qwen2c import gpu_check as g
+
+g.measure_bandwidth = lambda nbytes: {"GB_s": 50.0, "bytes_moved": 2 * nbytes, "median_ms": 80.0}
+
+def compile_worker(engine, sizes, out, name, timeout):
+    timing = {"median_s": 0.01, "min_s": 0.01, "max_s": 0.01, "warmup": 2, "repeats": 5}
+    decode = {**g._decode_rate(timing, sizes.new_tokens), "tokens": [1] * sizes.new_tokens}
+    return {"mode": g.COMPILE_MODE, "decode": decode,
+            **{f"prefill {n}": g._rate(timing, n) for n in sizes.prefill}, "seconds": 1.0}
+
+g.run_compile_worker = compile_worker
+check = g.GpuCheck(Path(sys.argv[1]), Path(sys.argv[2]), g.Sizes(16, 8, (16, 40)), device="cpu")
+code = check.run()
+print(g.format_table(check.results))
+sys.exit(code)
+"""
+
+
+def run_check(pack_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """tools/gpu_check.sh on ``pack_dir``, as the device call runs it (from the repository root)."""
+    out.mkdir(parents=True)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "OUT": str(out), "GPU_CHECK_PACK": str(pack_dir), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +60,7 @@ def gpu_pack(tmp_path_factory) -> Path:
     a tiny dense and a tiny MoE engine, for this Python."""
     root = tmp_path_factory.mktemp("gpu")
     engines = []
-    for name, write in (("dense", write_checkpoint),):
+    for name, write in (("dense", write_checkpoint), ("moe", write_moe_checkpoint)):
         checkpoint = write(root / f"{name}-checkpoint")
         try:
             qwen2c.build(str(checkpoint), "cuda", root / name, dtype="bfloat16", max_context=64)
@@ -39,14 +72,16 @@ def gpu_pack(tmp_path_factory) -> Path:
     return out
 
 
-def run_check(pack_dir: Path, out: Path, *args: str, source_env: bool = True) -> subprocess.CompletedProcess:
-    """``python -m qwen2c.gpu_check`` as tools/gpu_check.sh runs it: after ``. env.sh``, outside the repository."""
-    command = f'exec "{sys.executable}" -m qwen2c.gpu_check "$@"'
-    if source_env:
-        command = f'. "{pack_dir}/env.sh" && {command}'
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(["bash", "-c", command, "gpu_check", "--pack", str(pack_dir), "--out", str(out), *args],
-                          capture_output=True, text=True, cwd=out.parent, env=env, timeout=600)
+@pytest.fixture(scope="module")
+def cpu_pack(tmp_path_factory) -> Path:
+    """The same pack of CPU (llvm) engines, for the real run's steps."""
+    root = tmp_path_factory.mktemp("cpu")
+    engines = []
+    for name, write in (("dense", write_checkpoint), ("moe", write_moe_checkpoint)):
+        qwen2c.build(str(write(root / f"{name}-checkpoint")), "llvm", root / name, dtype="bfloat16", max_context=64)
+        engines.append(root / name)
+    pack(engines, root / "pack", weights=False, tokenizer=False)
+    return root / "pack"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +94,7 @@ def dry_run(gpu_pack, tmp_path_factory) -> dict:
 
 def test_dry_run_plans_every_measurement_for_every_packed_engine(dry_run, gpu_pack):
     names = [e["name"] for e in json.loads((gpu_pack / "pack.json").read_text())["engines"]]
-    assert sorted(names) == ["dense"]
+    assert sorted(names) == ["dense", "moe"]
     plan = dry_run["plan"]
     assert {"step": "bandwidth", "bytes": gpu_check.COPY_BYTES} in plan
     for name in names:
@@ -86,7 +121,7 @@ def test_dry_run_writes_weights_the_manifest_accepts_and_leaves_the_pack_alone(d
         assert not (gpu_pack / "engines" / name / engine_dir.WEIGHTS).exists()
 
 
-def test_dry_run_loads_each_engine_up_to_its_first_cuda_call_with_tvm_runtime_only(dry_run, gpu_pack):
+def test_dry_run_loads_each_engine_up_to_its_first_cuda_call_with_tvm_runtime_only(dry_run):
     for result in dry_run["engines"].values():
         assert result["load"]["stopped"].startswith("at the first CUDA call")
         tvm = result["load"]["tvm"]
@@ -96,12 +131,14 @@ def test_dry_run_loads_each_engine_up_to_its_first_cuda_call_with_tvm_runtime_on
 def test_sizes_beyond_an_engine_context_are_refused_before_anything_runs(gpu_pack, tmp_path):
     done = run_check(gpu_pack, tmp_path / "out", "--dry-run", "--prefill-tokens", "16,1024")
     assert done.returncode == 2
-    assert "needs 1024 tokens of context" in done.stderr and "--max-context 1024" in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert "needs 1024 tokens of context" in done.stdout and "--max-context 1024" in done.stdout
+    assert not (tmp_path / "out" / gpu_check.RESULTS).exists()
 
 
 def test_refuses_to_check_a_qwen2c_other_than_the_packed_one(gpu_pack, tmp_path):
-    done = run_check(gpu_pack, tmp_path / "out", "--dry-run", *SIZES, source_env=False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no env.sh: the installed qwen2c
+    done = subprocess.run([sys.executable, "-m", "qwen2c.gpu_check", "--pack", str(gpu_pack), "--out", str(tmp_path),
+                           "--dry-run"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 2 and "env.sh" in done.stderr
 
 
@@ -138,3 +175,26 @@ def test_torch_decode_timing_feeds_the_greedy_tokens_generate_picks():
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False)[0, len(prompt) + 1:]
     assert tokens == expected.tolist()
     assert timing["repeats"] == 2 and timing["median_s"] > 0
+
+
+def test_real_run_steps_on_cpu_engines(cpu_pack, tmp_path):
+    script = f'. "{cpu_pack}/env.sh" && exec "{sys.executable}" -c "$0" "$@"'
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(["bash", "-c", script, CPU_RUN, str(cpu_pack), str(tmp_path / "out")], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "out" / gpu_check.RESULTS).read_text())
+    assert not results["errors"] and not results["skipped"] and results["reference"]["passed"]
+    for name, r in results["engines"].items():
+        assert (cpu_pack / "engines" / name / engine_dir.WEIGHTS).is_file()  # the real run writes into the pack
+        assert r["load"]["tvm"]["passed"]
+        assert r["parity"]["passed"] and (r["parity"]["routing"] is not None) == (name == "moe")
+        assert set(r["prefill"]) == {"16", "40"}
+        assert all(set(t) == {"engine", "eager", "torch.compile"} for t in r["prefill"].values())
+        assert set(r["decode"]) == {"engine", "eager", "torch.compile"}
+        assert 0 <= r["decode"]["engine"]["agrees_with_eager_for"] <= 8
+        floor = r["roofline"]["floor_ms_per_token"]
+        assert floor == pytest.approx(r["roofline"]["weight_bytes_per_token"] / 50e9 * 1e3)
+        for contender, percent in r["roofline"]["percent_of_roofline"].items():
+            assert percent == pytest.approx(100 * floor / r["decode"][contender]["ms_per_token"])
+        assert f"{name} (bfloat16" in done.stdout

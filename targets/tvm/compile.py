@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 import tvm
 from tvm import relax
 
 from ..registry import TargetSpec
 from .device_code import device_codegen
-from .pipelines import pipeline_for
+from .launch_report import launch_report
+from .pipelines import pipeline_for, run_pipeline
 
 log = logging.getLogger(__name__)
 
 
-def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
+@dataclasses.dataclass
+class Compiled:
+    executable: relax.VMExecutable
+    launches: dict[str, Any] | None  # GPU: what one decode step launches (launch_report.py)
+
+
+def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> Compiled:
     target = spec.tvm_target()
-    with target:
-        mod = tvm.transform.Sequential(pipeline_for(spec))(mod)
+    # CUDA graphs: RewriteCUDAGraph (in the GPU pipeline) only acts when this is set.
+    config = {"relax.backend.use_cuda_graph": True} if spec.device == "cuda" else {}
+    with target, tvm.transform.PassContext(config=config):
+        mod = run_pipeline(pipeline_for(spec), mod)
     if spec.device == "cpu":
-        return _link(mod, target)
+        return Compiled(_link(mod, target), None)
+    launches = launch_report(mod) if "decode" in [gv.name_hint for gv in mod.get_global_vars()] else None
     with device_codegen(spec):
-        return relax.build(mod, target=target, relax_pipeline=None)
+        return Compiled(relax.build(mod, target=target, relax_pipeline=None), launches)
 
 
 def _link(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:

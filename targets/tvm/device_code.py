@@ -77,7 +77,14 @@ def check_device_toolchain(spec: TargetSpec) -> None:
 
 @contextlib.contextmanager
 def device_codegen(spec: TargetSpec):
-    """Around ``relax.build`` for ``spec``: makes TVM compile CUDA device code while building."""
+    """Around ``relax.build`` for ``spec``: makes TVM compile CUDA device code while building, and
+    link ROCm code objects with the toolchain ``rocm.py`` found."""
+    if spec.device == "rocm":
+        from .rocm import rocm_codegen
+
+        with rocm_codegen(spec):
+            yield
+        return
     if spec.device != "cuda":
         yield
         return
@@ -160,7 +167,7 @@ def write_library(executable, spec: TargetSpec, path: Path, linker: str | None,
     if linker is None:
         executable.export_library(str(path))
     else:
-        from tvm.contrib import cc
+        from tvm.support import cc
 
         executable.export_library(str(path), fcompile=cc.cross_compiler(linker))
     if spec.device == "cpu":

@@ -7,7 +7,8 @@ device kind (``pipelines/``).
 at each token's position, appends k/v to its pages, and attends over everything the sequence has
 seen. One traced graph therefore serves prefill (seq = prompt length) and decode (seq = 1).
 
-``fused_rms_norm`` normalises in float32 and casts back, as transformers' Qwen2RMSNorm does.
+``fused_rms_norm`` becomes the abstract kernel "rms_norm" (float32 sums whatever the dtype, as
+transformers' Qwen2RMSNorm does; one kernel, so half-precision inputs need no cast kernels).
 
 ``linear`` is ``matmul(x, permute_dims(W))`` in the input's dtype (TVM's own converter asks for a
 float32 result whatever the inputs, which breaks half-precision graphs).
@@ -23,6 +24,7 @@ from tvm import relax
 from torch import fx
 
 from .lower_moe import MOE_DISPATCHES, lower_moe
+from .pipelines.dispatch_kernels import kernel_call
 
 KV_ATTENTION = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 
@@ -59,13 +61,13 @@ def convert_map(kv_cache: relax.Var, moe_dispatch: str = "sparse") -> ConvertMap
     def rms_norm(node: fx.Node, importer) -> relax.Var:
         bb = importer.block_builder
         x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
-        dtype = x.ty.dtype
-        if dtype == "float32":
-            return bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=node.args[2]))
-        normed = bb.emit(relax.op.nn.rms_norm(bb.emit(relax.op.astype(x, "float32")),
-                                              bb.emit(relax.op.astype(weight, "float32")),
-                                              axes=[-1], epsilon=node.args[2]))
-        return bb.emit(relax.op.astype(normed, dtype))
+        *lead, hidden = x.ty.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        flat = bb.emit(relax.op.reshape(x, (rows, hidden)))
+        out = kernel_call(bb, "rms_norm", [flat, weight], [float(node.args[2])], [((rows, hidden), x.ty.dtype)])
+        return bb.emit(relax.op.reshape(out, x.ty.shape))
 
     def linear(node: fx.Node, importer) -> relax.Var:
         x, weight = importer.env[node.args[0]], importer.env[node.args[1]]

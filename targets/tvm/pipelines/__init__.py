@@ -11,11 +11,35 @@ The shape of TVM's own ``relax/pipeline.py`` and ``relax/backend/*/pipeline.py``
 
 from __future__ import annotations
 
+import threading
+
 import tvm
 
-from qwen2c.errors import BackendUnavailableError
+from qwen2c.errors import BackendUnavailableError, Qwen2cError
 
 from ...registry import TargetSpec
+
+
+_pending = threading.local()
+
+
+def user_error(error: Qwen2cError) -> Qwen2cError:
+    """Remember ``error`` for ``run_pipeline``, then raise it: TVM's pass machinery turns every
+    Python exception raised inside a pass into a RuntimeError, and the user should see this one."""
+    _pending.error = error
+    return error
+
+
+def run_pipeline(passes: list[tvm.transform.Pass], mod: tvm.IRModule) -> tvm.IRModule:
+    """Apply ``passes``; a pass's ``user_error`` comes out as itself, not as TVM's RuntimeError."""
+    _pending.error = None
+    try:
+        return tvm.transform.Sequential(passes)(mod)
+    except Exception:
+        error, _pending.error = getattr(_pending, "error", None), None
+        if error is not None:
+            raise error from None
+        raise
 
 
 def pipeline_for(spec: TargetSpec) -> list[tvm.transform.Pass]:

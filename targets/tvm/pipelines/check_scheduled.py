@@ -12,6 +12,8 @@ from tvm import tirx
 
 from qwen2c.errors import BackendUnavailableError
 
+from . import user_error
+
 
 def check_scheduled(target_name: str) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="CheckScheduled")
@@ -19,10 +21,10 @@ def check_scheduled(target_name: str) -> tvm.transform.Pass:
         missing = [gv.name_hint for gv, f in mod.functions_items()
                    if isinstance(f, tirx.PrimFunc) and not _is_host(f) and not _binds_threads(f)]
         if missing:
-            raise BackendUnavailableError(
+            raise user_error(BackendUnavailableError(
                 f"target {target_name}: {len(missing)} kernel(s) have no GPU schedule: {', '.join(sorted(missing))}. "
                 "No engine was written; this is a qwen2c bug for this model, please report it with its config.json."
-            )
+            ))
         return mod
 
     return _pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from qwen2c.schedules import cpu_moe
+from qwen2c.schedules import cpu_moe, cpu_norm
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
 from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
 
@@ -18,6 +18,7 @@ from .use_cpu_attention_kernels import use_cpu_attention_kernels
 def kernels(vector: int) -> dict:
     """The CPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``."""
     return {
+        "rms_norm": lambda ins, outs, eps: cpu_norm.rms_norm_kernel(int(ins[0].shape[1]), eps, ins[0].dtype, vector),
         "moe_route": lambda ins, outs, top_k, norm: cpu_moe.route_kernel(
             int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
         "moe_dense_route": lambda ins, outs: cpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),

@@ -19,16 +19,21 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qwen2c.errors import BackendUnavailableError
 
+from . import user_error
+
 PREFIX = "qwen2c.kernel."
 
 KernelMaker = Callable[..., tirx.PrimFunc]
 
 
-def kernel_call(bb: relax.BlockBuilder, name: str, tensors: Sequence[relax.Expr], statics: Sequence[int],
+def kernel_call(bb: relax.BlockBuilder, name: str, tensors: Sequence[relax.Expr], statics: Sequence[int | float],
                 outs: Sequence[tuple]) -> relax.Var:
-    """Emit an abstract call of kernel ``name``; ``outs`` are (shape, dtype) of its results."""
+    """Emit an abstract call of kernel ``name``; ``outs`` are (shape, dtype) of its results.
+
+    ``statics`` (ints, bools or floats) reach the kernel maker after the tensor types.
+    """
     types = [relax.TensorType(shape, dtype) for shape, dtype in outs]
-    args = [*tensors, *(relax.prim_value(int(s)) for s in statics)]
+    args = [*tensors, *(relax.prim_value(s if isinstance(s, float) else int(s)) for s in statics)]
     return bb.emit(relax.call_dps_packed(relax.ExternFunc(PREFIX + name), args,
                                          types if len(types) > 1 else types[0]))
 
@@ -47,11 +52,18 @@ class _Dispatcher(PyExprMutator):
         super().__init__(mod)
         self.mod_, self.table, self.device = mod, table, device
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.unserved: list[str] = []
 
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
                 self.builder_.update_func(gv, self.visit_expr(func))
+        # Raised here, not in the visitor, whose C++ side would turn it into a RuntimeError.
+        if self.unserved:
+            raise user_error(BackendUnavailableError(
+                f"no {self.device} kernel for qwen2c's '{self.unserved[0]}' (kernels for {self.device}: "
+                f"{', '.join(sorted(self.table)) or 'none'}); this model cannot be built for a {self.device} target yet."
+            ))
         return self.builder_.finalize()
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -64,13 +76,12 @@ class _Dispatcher(PyExprMutator):
         name = symbol.removeprefix(PREFIX)
         make = self.table.get(name)
         if make is None:
-            raise BackendUnavailableError(
-                f"no {self.device} kernel for qwen2c's '{name}' (kernels for {self.device}: "
-                f"{', '.join(sorted(self.table)) or 'none'}); this model cannot be built for a {self.device} target yet."
-            )
+            self.unserved.append(name)
+            return call
         args = list(call.args[1].fields)
-        tensors = [a for a in args if not isinstance(a, tirx.IntImm)]
-        statics = tuple(int(a.value) for a in args if isinstance(a, tirx.IntImm))
+        static = (tirx.IntImm, tirx.FloatImm)
+        tensors = [a for a in args if not isinstance(a, static)]
+        statics = tuple(a.value for a in args if isinstance(a, static))
         out_ty = call.ty_args[0]
         outs = list(out_ty.fields) if isinstance(out_ty, relax.TupleType) else [out_ty]
         key = (name, tuple(_signature(a.ty) for a in tensors), tuple(_signature(o) for o in outs), statics)

@@ -2,7 +2,8 @@
 
 Linear layers are legalized and scheduled by DLight's GPU rules (``Matmul`` for prompts, tensor
 cores where the rule applies; ``GEMV`` for the decode step), RMSNorm by its reduction rules; the
-KV cache brings TVM's GPU attention kernels; MoE kernels come from ``schedules/gpu_moe.py``.
+KV cache brings TVM's GPU attention kernels; RMSNorm and MoE kernels come from ``schedules/gpu_norm.py``
+and ``schedules/gpu_moe.py``.
 Every kernel must come out with a thread binding: one that does not fails the build, named
 (``check_scheduled.py``). Decode's static regions are captured in CUDA graphs where TVM can
 (``RewriteCUDAGraph``, CUDA only).
@@ -10,22 +11,27 @@ Every kernel must come out with a thread binding: one that does not fails the bu
 
 from __future__ import annotations
 
+import logging
+
 import tvm
 from tvm import relax
 from tvm.relax.backend.gpu_generic import pipeline as gpu_generic
 from tvm.s_tir import dlight as dl
 
-from qwen2c.schedules import gpu_moe
+from qwen2c.schedules import gpu_moe, gpu_norm
 
 from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
 from .check_scheduled import check_scheduled
 from .dispatch_kernels import dispatch_kernels
 
+log = logging.getLogger(__name__)
+
 
 def kernels(max_threads: int) -> dict:
     """The GPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``."""
     return {
+        "rms_norm": lambda ins, outs, eps: gpu_norm.rms_norm_kernel(int(ins[0].shape[1]), eps, ins[0].dtype),
         "moe_route": lambda ins, outs, top_k, norm: gpu_moe.route_kernel(
             int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
         "moe_dense_route": lambda ins, outs: gpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),
@@ -39,6 +45,25 @@ def kernels(max_threads: int) -> dict:
     }
 
 
+class _FallThrough(dl.ScheduleRule):
+    """A DLight rule that declines, instead of failing the build, where it raises.
+
+    TVM 0.27's GEMV rule raises on a matrix-vector product with a single output (MoE's shared-
+    expert gate, [1, hidden]: "'fuse' requires at least 1 loop(s)") rather than returning None;
+    the next rule then schedules the function.
+    """
+
+    def __init__(self, rule: dl.ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception as e:  # noqa: BLE001  (any failure means "this rule does not fit")
+            log.debug("DLight %s declined a function: %s", type(self.rule).__name__, str(e).splitlines()[0])
+            return None
+
+
 def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
     target = spec.tvm_target()
     max_threads = int(target.attrs.get("max_num_threads", 256))
@@ -47,20 +72,22 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         add_kv_cache_creation(target),
         dispatch_kernels(kernels(max_threads), spec.device),
         *gpu_generic.library_dispatch_passes(target),
-        # legalize the remaining ops to TIR and fuse them.
+        # legalize the remaining ops to TIR and fuse them. Linear layers first become one NT matmul:
+        # legalized apart, permute_dims(W) is a kernel that copies every weight on every step.
+        relax.transform.FuseTransposeMatmul(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         # schedule: DLight's GPU rules, most specific first; then every kernel must be bound to threads.
-        dl.ApplyDefaultSchedule(
+        dl.ApplyDefaultSchedule(*(_FallThrough(rule) for rule in (
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
             dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(),
             dl.gpu.Fallback(),
-        ),
+        ))),
         check_scheduled(spec.name),
         # lower dataflow.
         *gpu_generic.dataflow_lower_passes(target),

@@ -1,0 +1,156 @@
+"""CUDA engines built on a machine without a GPU: compiled device code, every kernel scheduled,
+parity recorded as not run, and the pipeline's dispatch steps."""
+
+import json
+import shutil
+
+import pytest
+import tvm
+from tvm import relax
+
+import qwen2c
+from conftest import read_manifest, write_checkpoint, write_moe_checkpoint
+from qwen2c.errors import BackendUnavailableError, Qwen2cError
+from qwen2c.targets.registry import TARGETS
+from qwen2c.targets.tvm.device_code import fatbin_elf_arches
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: CUDA device code cannot be compiled here")
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cuda") / "ckpt", seed=4, dtype="bfloat16", hidden_size=96,
+                            num_attention_heads=6, num_key_value_heads=2)
+
+
+def test_dense_cuda_engine_holds_a_fatbin_for_every_requested_arch(tmp_path, bf16_checkpoint):
+    manifest = qwen2c.build(str(bf16_checkpoint), "cuda", tmp_path / "engine", arch="sm_80,sm_90", max_context=64)
+    assert manifest["dtype"] == "bfloat16"  # a GPU target takes the checkpoint's dtype
+    assert manifest["target"]["arches"] == ["sm_80", "sm_90"]
+    assert manifest["parity"] == "not run (no cuda device)"
+    library = (tmp_path / "engine" / "model.so").read_bytes()
+    arches = sorted({a for _, found in fatbin_elf_arches(library) for a in found})
+    assert arches == ["sm_80", "sm_90"] == manifest["device_code"]["arches"]
+    assert b"__global__" not in library  # no CUDA source left to compile at load
+    launches = manifest["launches"]
+    assert launches["kv_cache_calls"] == 2  # one per layer
+    assert launches["graph_replays"] >= 1 and launches["host_launches"] < launches["kernels"]
+
+
+def test_moe_cuda_engine_builds_with_the_gpu_moe_kernels(tmp_path):
+    ckpt = write_moe_checkpoint(tmp_path / "moe", dtype="bfloat16", num_experts=8, num_experts_per_tok=2)
+    manifest = qwen2c.build(str(ckpt), "cuda", tmp_path / "engine", max_context=64)
+    assert manifest["device_code"]["arches"] == ["sm_90"]
+    library = (tmp_path / "engine" / "model.so").read_bytes()
+    for kernel in (b"moe_route", b"moe_group", b"moe_grouped_swiglu", b"moe_grouped_down", b"moe_combine", b"rms_norm"):
+        assert kernel in library  # names of the compiled kernels in the fatbin's symbol tables
+
+
+def test_float16_cuda_engine_uses_tensor_cores_for_prompts(tmp_path, bf16_checkpoint):
+    from qwen2c.checkpoint import load_reference, resolve_model
+    from qwen2c.graphs.export import export_model
+    from qwen2c.graphs.pipeline import run_passes
+    from qwen2c.targets.tvm.pipelines import pipeline_for
+    from qwen2c.targets.tvm.relax_module import build_relax_module
+
+    config, model = load_reference(resolve_model(str(bf16_checkpoint)), "float16")
+    program = export_model(model, 64)
+    run_passes(program, config, "float16", check_lengths=())
+    spec = TARGETS.resolve("cuda")
+    with spec.tvm_target():
+        mod = tvm.transform.Sequential(pipeline_for(spec))(build_relax_module(program, config, "float16"))
+    scripts = [f.script() for gv, f in mod.functions_items() if "NT_matmul" in gv.name_hint]
+    assert any("wmma" in s for s in scripts)  # DLight's tensor-core rule served the prefill matmuls
+
+
+def test_unknown_arch_and_arch_on_a_cpu_target_are_refused(tmp_path, bf16_checkpoint):
+    with pytest.raises(Qwen2cError, match="sm_90"):
+        qwen2c.build(str(bf16_checkpoint), "cuda", tmp_path / "e", arch="sm_70")
+    with pytest.raises(Qwen2cError, match="GPU targets"):
+        qwen2c.build(str(bf16_checkpoint), "llvm", tmp_path / "e", arch="sm_90")
+    assert not (tmp_path / "e").exists()
+
+
+def test_missing_nvcc_is_refused_before_building(tmp_path, bf16_checkpoint, monkeypatch):
+    import qwen2c.targets.tvm.device_code as device_code
+
+    real_which = shutil.which
+    monkeypatch.setattr(device_code.shutil, "which", lambda name, *a, **k: None if name == "nvcc" else real_which(name))
+    with pytest.raises(BackendUnavailableError, match="nvcc"):
+        qwen2c.build(str(bf16_checkpoint), "cuda", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_fatbin_missing_a_requested_arch_is_refused():
+    from qwen2c.targets.tvm.device_code import describe_device_code
+
+    spec = TARGETS.resolve("cuda", "sm_80,sm_90")
+    with pytest.raises(BackendUnavailableError, match="sm_80"):
+        describe_device_code(b"extern \"C\" __global__ void k() {}", spec)
+
+
+def test_cli_build_cuda_reports_parity_not_run(tmp_path, bf16_checkpoint, capsys):
+    from qwen2c.cli import main
+
+    assert main(["build", "--model", str(bf16_checkpoint), "--target", "cuda", "-o", str(tmp_path / "e"),
+                 "--max-context", "32"]) == 0
+    out = capsys.readouterr()
+    assert "parity not run (no cuda device)" in out.out
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["parity"] == "not run (no cuda device)"
+
+
+# --- the pipeline's dispatch and scheduling checks ---------------------------------------------
+
+def _kernel_call_module(name):
+    from qwen2c.targets.tvm.pipelines.dispatch_kernels import kernel_call
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with bb.function("main", [x]):
+        out = kernel_call(bb, name, [x], [], [((4, 8), "float32")])
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_a_kernel_no_device_serves_fails_naming_it_and_the_device():
+    from qwen2c.targets.tvm.pipelines.dispatch_kernels import dispatch_kernels
+
+    from qwen2c.targets.tvm.pipelines import run_pipeline
+
+    with pytest.raises(BackendUnavailableError, match="no cuda kernel for qwen2c's 'frobnicate'"):
+        run_pipeline([dispatch_kernels({"rms_norm": None}, "cuda")], _kernel_call_module("frobnicate"))
+
+
+def test_an_unscheduled_gpu_kernel_fails_the_build_naming_it():
+    from tvm.script import tirx as T
+
+    from qwen2c.targets.tvm.pipelines.check_scheduled import check_scheduled
+
+    @T.prim_func(private=True)
+    def serial_add(a: T.Buffer((8,), "float32"), b: T.Buffer((8,), "float32")):
+        for i in range(8):
+            b[i] = a[i] + T.float32(1)
+
+    from qwen2c.targets.tvm.pipelines import run_pipeline
+
+    mod = tvm.IRModule({"serial_add": serial_add})
+    with pytest.raises(BackendUnavailableError, match="serial_add"):
+        run_pipeline([check_scheduled("cuda")], mod)
+
+
+def test_every_kernel_of_a_moe_gpu_build_is_bound_to_threads(tmp_path):
+    from qwen2c.checkpoint import load_reference, resolve_model
+    from qwen2c.graphs.export import export_model
+    from qwen2c.graphs.pipeline import run_passes
+    from qwen2c.targets.tvm.pipelines import pipeline_for
+    from qwen2c.targets.tvm.relax_module import build_relax_module
+
+    ckpt = write_moe_checkpoint(tmp_path / "moe", num_experts=6, num_experts_per_tok=3, norm_topk_prob=True)
+    config, model = load_reference(resolve_model(str(ckpt)), "bfloat16")
+    program = export_model(model, 32)
+    run_passes(program, config, "bfloat16", check_lengths=())
+    spec = TARGETS.resolve("cuda")
+    with spec.tvm_target():
+        mod = tvm.transform.Sequential(pipeline_for(spec))(build_relax_module(program, config, "bfloat16"))
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any(k.startswith("moe_grouped_swiglu") for k in kernels)  # check_scheduled ran inside the pipeline
