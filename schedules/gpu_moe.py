@@ -1,8 +1,8 @@
 """GPU kernels for a Qwen2-MoE block, with the same names and signatures as ``cpu_moe.py``.
 
     route    one thread per token: float32 softmax over the experts, top-k (ties to the lower index)
-    group    one block: a thread per expert counts its slots, a prefix sum gives the offsets, and
-             each expert's thread writes its slots in order (a stable counting sort)
+    group    one block: a thread per expert counts its slots into shared memory, then sums the
+             counts below its expert (its offset) and writes its slots in order (a stable counting sort)
     swiglu   grid (column tiles, experts); a warp per output column of the block's expert, lanes
              split the reduction, ROWS rows at a time so each weight element is loaded once per
              ROWS rows; an expert with no rows returns at once, so a decode step reads only its
@@ -36,34 +36,37 @@ def route_kernel(experts: int, top_k: int, norm_topk_prob: bool, dtype: str = "f
         weights = T.match_buffer(w, (t, K), "float32")
         chosen = T.match_buffer(i, (t, K), "int32")
         with T.sblock("root"):  # one-input kernels need a root block (see cpu_moe._ROOT_BLOCK)
-            probs = T.alloc_buffer((E,), "float32", scope="local")
-            stat = T.alloc_buffer((2,), "float32", scope="local")
-            best = T.alloc_buffer((1,), "int32", scope="local")
             for bx in T.thread_binding((t + TB - T.int64(1)) // TB, thread="blockIdx.x"):
                 for tx in T.thread_binding(TB, thread="threadIdx.x"):
-                    if bx * TB + tx < t:
-                        stat[0] = T.Cast("float32", logits[bx * TB + tx, 0])
-                        for e in range(E):
-                            stat[0] = T.max(stat[0], T.Cast("float32", logits[bx * TB + tx, e]))
-                        stat[1] = T.float32(0)
-                        for e in range(E):
-                            probs[e] = T.exp(T.Cast("float32", logits[bx * TB + tx, e]) - stat[0])
-                            stat[1] = stat[1] + probs[e]
-                        for e in range(E):
-                            probs[e] = probs[e] / stat[1]
-                        stat[1] = T.float32(0)
-                        for j in range(K):
-                            best[0] = 0
+                    with T.sblock("token"):  # scratch here is per thread; at the root it would be one global buffer
+                        T.reads(logits[0:t, 0:E])
+                        T.writes(weights[0:t, 0:K], chosen[0:t, 0:K])
+                        probs = T.alloc_buffer((E,), "float32", scope="local")
+                        stat = T.alloc_buffer((2,), "float32", scope="local")
+                        best = T.alloc_buffer((1,), "int32", scope="local")
+                        if bx * TB + tx < t:
+                            stat[0] = T.Cast("float32", logits[bx * TB + tx, 0])
                             for e in range(E):
-                                if probs[e] > probs[best[0]]:
-                                    best[0] = T.int32(e)
-                            chosen[bx * TB + tx, j] = best[0]
-                            weights[bx * TB + tx, j] = probs[best[0]]
-                            stat[1] = stat[1] + probs[best[0]]
-                            probs[best[0]] = T.float32(-1)
-                        if norm_topk_prob:
+                                stat[0] = T.max(stat[0], T.Cast("float32", logits[bx * TB + tx, e]))
+                            stat[1] = T.float32(0)
+                            for e in range(E):
+                                probs[e] = T.exp(T.Cast("float32", logits[bx * TB + tx, e]) - stat[0])
+                                stat[1] = stat[1] + probs[e]
+                            for e in range(E):
+                                probs[e] = probs[e] / stat[1]
+                            stat[1] = T.float32(0)
                             for j in range(K):
-                                weights[bx * TB + tx, j] = weights[bx * TB + tx, j] / stat[1]
+                                best[0] = 0
+                                for e in range(E):
+                                    if probs[e] > probs[best[0]]:
+                                        best[0] = T.int32(e)
+                                chosen[bx * TB + tx, j] = best[0]
+                                weights[bx * TB + tx, j] = probs[best[0]]
+                                stat[1] = stat[1] + probs[best[0]]
+                                probs[best[0]] = T.float32(-1)
+                            if norm_topk_prob:
+                                for j in range(K):
+                                    weights[bx * TB + tx, j] = weights[bx * TB + tx, j] / stat[1]
 
     return moe_route
 
@@ -108,30 +111,39 @@ def group_kernel(experts: int, max_threads: int = 1024):
         slot_of = T.match_buffer(so, (s,), "int32")
         offsets = T.match_buffer(off, (E + T.int64(1),), "int32")
         with T.sblock("root"):  # one-input kernels need a root block (see cpu_moe._ROOT_BLOCK)
-            count = T.alloc_buffer((1,), "int32", scope="local")
             for bx in T.thread_binding(1, thread="blockIdx.x"):
                 for tx in T.thread_binding(TH, thread="threadIdx.x"):
-                    for q in range(PER):
-                        if q * TH + tx < E:
-                            count[0] = 0
-                            for p in range(s):
-                                if chosen[p] == T.Cast("int32", q * TH + tx):
-                                    count[0] = count[0] + 1
-                            offsets[q * TH + tx + T.int64(1)] = count[0]
-                    T.tvm_storage_sync("shared")
-                    if tx == T.int64(0):
-                        offsets[0] = 0
-                        for e in range(E):
-                            offsets[e + T.int64(1)] = offsets[e + T.int64(1)] + offsets[e]
-                    T.tvm_storage_sync("shared")
-                    for q in range(PER):
-                        if q * TH + tx < E:
-                            count[0] = offsets[q * TH + tx]
-                            for p in range(s):
-                                if chosen[p] == T.Cast("int32", q * TH + tx):
-                                    rows[count[0]] = T.Cast("int32", p)
-                                    slot_of[p] = count[0]
-                                    count[0] = count[0] + 1
+                    # Scratch is allocated in this inner block: at the root it would become one
+                    # global buffer shared by every thread. Counts go through shared memory, since
+                    # the barrier orders shared memory only (Metal's and OpenCL's fence threadgroup/
+                    # local memory, not device memory); after it, each thread sums the counts below
+                    # its expert itself, so nothing shared is written again.
+                    with T.sblock("expert"):
+                        T.reads(chosen[0:s])
+                        T.writes(rows[0:s], slot_of[0:s], offsets[0:E + T.int64(1)])
+                        counts = T.alloc_buffer((E,), "int32", scope="shared")
+                        cursor = T.alloc_buffer((1,), "int32", scope="local")
+                        for q in range(PER):
+                            if q * TH + tx < E:
+                                cursor[0] = 0
+                                for p in range(s):
+                                    if chosen[p] == T.Cast("int32", q * TH + tx):
+                                        cursor[0] = cursor[0] + 1
+                                counts[q * TH + tx] = cursor[0]
+                        T.tvm_storage_sync("shared")
+                        for q in range(PER):
+                            if q * TH + tx < E:
+                                cursor[0] = 0
+                                for e in range(q * TH + tx):
+                                    cursor[0] = cursor[0] + counts[e]
+                                offsets[q * TH + tx] = cursor[0]
+                                if q * TH + tx == E - T.int64(1):
+                                    offsets[E] = cursor[0] + counts[E - T.int64(1)]
+                                for p in range(s):
+                                    if chosen[p] == T.Cast("int32", q * TH + tx):
+                                        rows[cursor[0]] = T.Cast("int32", p)
+                                        slot_of[p] = cursor[0]
+                                        cursor[0] = cursor[0] + 1
 
     return moe_group
 

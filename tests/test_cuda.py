@@ -154,3 +154,30 @@ def test_every_kernel_of_a_moe_gpu_build_is_bound_to_threads(tmp_path):
         mod = tvm.transform.Sequential(pipeline_for(spec))(build_relax_module(program, config, "bfloat16"))
     kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert any(k.startswith("moe_grouped_swiglu") for k in kernels)  # check_scheduled ran inside the pipeline
+
+
+@pytest.mark.parametrize("name, make", [
+    ("moe_route", lambda: __import__("qwen2c.schedules.gpu_moe", fromlist=["x"]).route_kernel(64, 8, True, "bfloat16")),
+    ("moe_dense_route", lambda: __import__("qwen2c.schedules.gpu_moe", fromlist=["x"]).dense_route_kernel(64, 8)),
+    ("moe_group", lambda: __import__("qwen2c.schedules.gpu_moe", fromlist=["x"]).group_kernel(64, 1024)),
+    ("moe_grouped_swiglu", lambda: __import__("qwen2c.schedules.gpu_moe", fromlist=["x"]).grouped_swiglu_kernel(
+        64, 128, 64, 8, "bfloat16")),
+    ("moe_grouped_down", lambda: __import__("qwen2c.schedules.gpu_moe", fromlist=["x"]).grouped_down_kernel(
+        64, 128, 64, "bfloat16")),
+    ("moe_combine", lambda: __import__("qwen2c.schedules.gpu_moe", fromlist=["x"]).combine_kernel(128, 8, "bfloat16")),
+    ("rms_norm", lambda: __import__("qwen2c.schedules.gpu_norm", fromlist=["x"]).rms_norm_kernel(896, 1e-6, "bfloat16")),
+])
+def test_gpu_kernels_keep_their_scratch_per_thread_or_per_block(name, make):
+    """Scratch allocated at a TIR root block becomes one global buffer every thread shares (a race
+    no CPU test can see): each kernel's CUDA signature must hold only its own arguments."""
+    import re
+
+    func = make()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=TARGETS.resolve("cuda").tvm_target())
+    source = lib.mod.imports[0].inspect_source("cuda")
+    signature = re.search(r"main_kernel\(([^)]*)\)", source).group(1)
+    pointers = set(re.findall(r"(\w+)_ptr\b", signature))
+    script = func.script()
+    arguments = set(re.findall(r"(\w+) = T\.match_buffer", script)) | set(re.findall(r"(\w+): T\.Buffer", script))
+    assert pointers <= arguments, f"{name}: scratch passed as global buffers: {sorted(pointers - arguments)}"

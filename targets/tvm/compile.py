@@ -12,7 +12,7 @@ from tvm import relax
 from ..registry import TargetSpec
 from .device_code import device_codegen
 from .launch_report import launch_report
-from .pipelines import pipeline_for, run_pipeline
+from .pipelines import pipeline_for, run_pipeline, surfacing_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> Compiled:
     if spec.device == "cpu":
         return Compiled(_link(mod, target), None)
     launches = launch_report(mod) if "decode" in [gv.name_hint for gv in mod.get_global_vars()] else None
-    with device_codegen(spec):
+    with surfacing_user_errors(), device_codegen(spec):
         return Compiled(relax.build(mod, target=target, relax_pipeline=None), launches)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from qwen2c.errors import BackendUnavailableError
 
 from ..registry import TargetSpec
+from .pipelines import user_error
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,10 @@ def _nvcc_fatbin(arches: tuple[str, ...]) -> Callable[[str], bytes]:
                 cmd += ["-gencode", f"arch=compute_{number},code=sm_{number}"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise BackendUnavailableError(
-                    f"nvcc could not compile the engine's CUDA kernels for {', '.join(arches)}:\n"
-                    + (done.stderr or done.stdout)[-2000:]
-                )
+                raise user_error(BackendUnavailableError(
+                    f"nvcc could not compile the engine's CUDA kernels for {', '.join(arches)}; nothing was "
+                    "written:\n" + (done.stderr or done.stdout)[-2000:]
+                ))
             return out.read_bytes()
 
     return compile_cuda
@@ -181,8 +182,12 @@ def write_library(executable, spec: TargetSpec, path: Path, linker: str | None,
 def describe_device_code(library: bytes, spec: TargetSpec) -> dict[str, Any]:
     """What device code a written library holds; raises when a CUDA library holds no machine code
     for a requested architecture, or still holds source."""
+    if spec.device == "rocm":
+        from .rocm import describe_code_objects
+
+        return describe_code_objects(library, spec)
     if spec.device != "cuda":
-        return {"format": {"rocm": "hsaco", "metal": "metal source", "opencl": "opencl source"}.get(spec.device, "source"),
+        return {"format": {"metal": "metal source", "opencl": "opencl source"}.get(spec.device, "source"),
                 "bytes": len(library)}
     fatbins = list(fatbin_elf_arches(library))
     found = sorted({arch for _, arches in fatbins for arch in arches})

@@ -11,6 +11,7 @@ The shape of TVM's own ``relax/pipeline.py`` and ``relax/backend/*/pipeline.py``
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import tvm
@@ -30,16 +31,23 @@ def user_error(error: Qwen2cError) -> Qwen2cError:
     return error
 
 
-def run_pipeline(passes: list[tvm.transform.Pass], mod: tvm.IRModule) -> tvm.IRModule:
-    """Apply ``passes``; a pass's ``user_error`` comes out as itself, not as TVM's RuntimeError."""
+@contextlib.contextmanager
+def surfacing_user_errors():
+    """Around a call into TVM that runs qwen2c's Python (passes, build callbacks): an error raised
+    there with ``user_error`` comes out as itself, not as TVM's RuntimeError with a C++ traceback."""
     _pending.error = None
     try:
-        return tvm.transform.Sequential(passes)(mod)
+        yield
     except Exception:
         error, _pending.error = getattr(_pending, "error", None), None
         if error is not None:
             raise error from None
         raise
+
+
+def run_pipeline(passes: list[tvm.transform.Pass], mod: tvm.IRModule) -> tvm.IRModule:
+    with surfacing_user_errors():
+        return tvm.transform.Sequential(passes)(mod)
 
 
 def pipeline_for(spec: TargetSpec) -> list[tvm.transform.Pass]:
