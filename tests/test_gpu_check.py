@@ -1,5 +1,5 @@
-"""The GPU check (qwen2c/gpu_check.py): its dry run on a pack of tiny CUDA engines, and the pieces of
-the real run that run on a CPU."""
+"""The GPU check (qwen2c/gpu_check.py, its pieces in qwen2c/gpu_measure.py): its dry run on a pack of
+tiny CUDA engines, and the pieces of the real run that run on a CPU."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 from conftest import moe_config, small_config, write_checkpoint, write_moe_checkpoint
 
 import qwen2c
-from qwen2c import engine_dir, gpu_check
+from qwen2c import engine_dir, gpu_check, gpu_measure
 from qwen2c.errors import BackendUnavailableError
 from qwen2c.pack import pack
 from qwen2c.presets import preset_config
@@ -144,34 +144,34 @@ def test_refuses_to_check_a_qwen2c_other_than_the_packed_one(gpu_pack, tmp_path)
 
 def test_decode_weight_bytes_tied_dense_and_untied_moe():
     dense = preset_config("qwen2-0.5b")  # tied: the output projection is the embedding, read once
-    assert gpu_check.decode_weight_bytes(dense, "bfloat16") == 2 * 494_032_768
+    assert gpu_measure.decode_weight_bytes(dense, "bfloat16") == 2 * 494_032_768
     moe = preset_config("qwen2-moe-tiny")
     hf = qwen2c.checkpoint.hf_config(moe)
     active = qwen2c.model_config.active_param_count(hf)
-    assert gpu_check.decode_weight_bytes(moe, "bfloat16") == 2 * (active - hf.vocab_size * hf.hidden_size)
-    roof = gpu_check.roofline(dense, "bfloat16", 4000.0, {"engine": 1.0})
+    assert gpu_measure.decode_weight_bytes(moe, "bfloat16") == 2 * (active - hf.vocab_size * hf.hidden_size)
+    roof = gpu_measure.roofline(dense, "bfloat16", 4000.0, {"engine": 1.0})
     assert roof["floor_ms_per_token"] == pytest.approx(2 * 494_032_768 / 4e12 * 1e3)
     assert roof["percent_of_roofline"]["engine"] == pytest.approx(100 * roof["floor_ms_per_token"])
 
 
 def test_seeded_model_perturbs_biases_and_makes_routing_decisive():
-    model = gpu_check.seeded_model(moe_config(), "bfloat16", "cpu", seed=3)
+    model = gpu_measure.seeded_model(moe_config(), "bfloat16", "cpu", seed=3)
     params = dict(model.named_parameters())
     assert all(p.dtype == torch.bfloat16 for p in params.values())
     assert params["model.layers.0.self_attn.q_proj.bias"].abs().max() > 0
     assert params["model.layers.0.mlp.gate.weight"].float().std() > 2.0 / 64**0.5
-    again = gpu_check.seeded_model(moe_config(), "bfloat16", "cpu", seed=3)
+    again = gpu_measure.seeded_model(moe_config(), "bfloat16", "cpu", seed=3)
     assert all(torch.equal(p, q) for p, q in zip(params.values(), again.parameters()))
 
 
 def test_reference_decode_through_the_cache_matches_a_full_forward():
-    assert gpu_check.check_reference_cache("cpu")["passed"]
+    assert gpu_measure.check_reference_cache("cpu")["passed"]
 
 
 def test_torch_decode_timing_feeds_the_greedy_tokens_generate_picks():
-    model = gpu_check.seeded_model(small_config(), "float32", "cpu", seed=1)
+    model = gpu_measure.seeded_model(small_config(), "float32", "cpu", seed=1)
     prompt = [3, 14, 15, 92, 65]
-    timing, tokens = gpu_check.time_torch_decode(model, model, gpu_check._dynamic_cache(model), prompt, 6, (0, 2))
+    timing, tokens = gpu_measure.time_torch_decode(model, model, gpu_measure.dynamic_cache(model), prompt, 6, (0, 2))
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False)[0, len(prompt) + 1:]
     assert tokens == expected.tolist()
     assert timing["repeats"] == 2 and timing["median_s"] > 0

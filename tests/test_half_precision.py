@@ -133,3 +133,22 @@ def test_half_precision_manifest_records_both_errors(tmp_path):
     parity = read_manifest(tmp_path / "engine")["parity"]
     assert parity["reference"].startswith("transformers float32")
     assert all("transformers_abs_err" in s and "max_abs_err" in s for s in parity["steps"])
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_the_float32_reference_runs_without_a_float32_copy_and_equals_one(tmp_path, moe):
+    from transformers import Qwen2ForCausalLM, Qwen2MoeForCausalLM
+
+    from qwen2c.parity import running_in_float32
+
+    model_class = Qwen2MoeForCausalLM if moe else Qwen2ForCausalLM
+    ckpt = (write_moe_checkpoint if moe else write_checkpoint)(tmp_path / "ckpt", dtype="bfloat16")
+    half = model_class.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    full = model_class.from_pretrained(ckpt, dtype=torch.float32).eval()
+    prompt = [1, 5, 9, 33, 2, 7]
+    expected, fed, _ = reference_steps(full, prompt, steps=3)
+    with running_in_float32(half):
+        got, fed_half, _ = reference_steps(half, prompt, steps=3)
+    assert fed_half == fed
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # weights put back, never duplicated
