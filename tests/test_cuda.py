@@ -46,19 +46,24 @@ def test_moe_cuda_engine_builds_with_the_gpu_moe_kernels(tmp_path):
         assert kernel in library  # names of the compiled kernels in the fatbin's symbol tables
 
 
-def test_float16_cuda_engine_uses_tensor_cores_for_prompts(tmp_path, bf16_checkpoint):
+def _cuda_pipeline_output(checkpoint, dtype: str) -> tvm.IRModule:
+    """The checkpoint's module after the CUDA pipeline (before the build)."""
     from qwen2c.checkpoint import load_reference, resolve_model
     from qwen2c.graphs.export import export_model
     from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.tvm.pipelines import pipeline_for
+    from qwen2c.targets.tvm.pipelines import pipeline_for, run_pipeline
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
-    config, model = load_reference(resolve_model(str(bf16_checkpoint)), "float16")
-    program = export_model(model, 64)
-    run_passes(program, config, "float16", check_lengths=())
+    config, model = load_reference(resolve_model(str(checkpoint)), dtype)
+    program = export_model(model, 32)
+    run_passes(program, config, dtype, check_lengths=())
     spec = TARGETS.resolve("cuda")
     with spec.tvm_target():
-        mod = tvm.transform.Sequential(pipeline_for(spec))(build_relax_module(program, config, "float16"))
+        return run_pipeline(pipeline_for(spec), build_relax_module(program, config, dtype))
+
+
+def test_float16_cuda_engine_uses_tensor_cores_for_prompts(bf16_checkpoint):
+    mod = _cuda_pipeline_output(bf16_checkpoint, "float16")
     scripts = [f.script() for gv, f in mod.functions_items() if "NT_matmul" in gv.name_hint]
     assert any("wmma" in s for s in scripts)  # DLight's tensor-core rule served the prefill matmuls
 
@@ -139,19 +144,8 @@ def test_an_unscheduled_gpu_kernel_fails_the_build_naming_it():
 
 
 def test_every_kernel_of_a_moe_gpu_build_is_bound_to_threads(tmp_path):
-    from qwen2c.checkpoint import load_reference, resolve_model
-    from qwen2c.graphs.export import export_model
-    from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.tvm.pipelines import pipeline_for
-    from qwen2c.targets.tvm.relax_module import build_relax_module
-
     ckpt = write_moe_checkpoint(tmp_path / "moe", num_experts=6, num_experts_per_tok=3, norm_topk_prob=True)
-    config, model = load_reference(resolve_model(str(ckpt)), "bfloat16")
-    program = export_model(model, 32)
-    run_passes(program, config, "bfloat16", check_lengths=())
-    spec = TARGETS.resolve("cuda")
-    with spec.tvm_target():
-        mod = tvm.transform.Sequential(pipeline_for(spec))(build_relax_module(program, config, "bfloat16"))
+    mod = _cuda_pipeline_output(ckpt, "bfloat16")
     kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert any(k.startswith("moe_grouped_swiglu") for k in kernels)  # check_scheduled ran inside the pipeline
 
@@ -172,9 +166,12 @@ def test_gpu_kernels_keep_their_scratch_per_thread_or_per_block(name, make):
     no CPU test can see): each kernel's CUDA signature must hold only its own arguments."""
     import re
 
+    from qwen2c.targets.tvm.device_code import device_codegen
+
     func = make()
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=TARGETS.resolve("cuda").tvm_target())
+    spec = TARGETS.resolve("cuda")
+    with device_codegen(spec):  # as a build compiles them (nvcc; TVM's default is NVRTC, absent here)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=spec.tvm_target())
     source = lib.mod.imports[0].inspect_source("cuda")
     signature = re.search(r"main_kernel\(([^)]*)\)", source).group(1)
     pointers = set(re.findall(r"(\w+)_ptr\b", signature))

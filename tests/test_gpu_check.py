@@ -33,9 +33,9 @@ g.measure_bandwidth = lambda nbytes: {"GB_s": 50.0, "bytes_moved": 2 * nbytes, "
 
 def compile_worker(engine, sizes, out, name, timeout):
     timing = {"median_s": 0.01, "min_s": 0.01, "max_s": 0.01, "warmup": 2, "repeats": 5}
-    decode = {**g._decode_rate(timing, sizes.new_tokens), "tokens": [1] * sizes.new_tokens}
+    decode = {**g.decode_rate(timing, sizes.new_tokens), "tokens": [1] * sizes.new_tokens}
     return {"mode": g.COMPILE_MODE, "decode": decode,
-            **{f"prefill {n}": g._rate(timing, n) for n in sizes.prefill}, "seconds": 1.0}
+            **{f"prefill {n}": g.rate(timing, n) for n in sizes.prefill}, "seconds": 1.0}
 
 g.run_compile_worker = compile_worker
 check = g.GpuCheck(Path(sys.argv[1]), Path(sys.argv[2]), g.Sizes(16, 8, (16, 40)), device="cpu")
