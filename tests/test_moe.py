@@ -266,16 +266,19 @@ def _poison_unrouted_experts(engine, routed: dict[int, set[int]]) -> None:
     """Set every expert's weights to NaN except the routed ones, in the engine's uploaded params:
     any computation that touches an unrouted expert (even one weighted by 0) then yields NaN."""
     import tvm
+    from safetensors.numpy import load_file
 
-    names = [p["name"] for p in engine.manifest["params"]]
-    program = engine._program
+    tensors = load_file(str(engine.directory / "model.safetensors"))
+    weights = {p["name"]: tensors[p["key"]].copy() for p in engine.manifest["params"]}
     for layer, keep in routed.items():
         for suffix in ("gate_up_proj", "down_proj"):
-            i = names.index(f"model.layers.{layer}.mlp.experts.{suffix}")
-            weights = program.params[i].numpy()
-            for e in set(range(weights.shape[0])) - keep:
-                weights[e] = np.nan
-            program.params[i] = tvm.runtime.tensor(weights, program.device)
+            experts = weights[f"model.layers.{layer}.mlp.experts.{suffix}"]
+            for e in set(range(experts.shape[0])) - keep:
+                experts[e] = np.nan
+    # Upload as the engine does, through its load-time weight transform (combined linears).
+    program = engine._program
+    uploaded = [tvm.runtime.tensor(weights[p["name"]], program.device) for p in engine.manifest["params"]]
+    program.params = list(program.vm["transform_params"](uploaded))
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])

@@ -33,6 +33,7 @@ from typing import Any
 from qwen2c.errors import BackendUnavailableError
 
 from ..registry import TargetSpec
+from .pipelines import user_error
 
 log = logging.getLogger(__name__)
 
@@ -137,25 +138,18 @@ def rocm_codegen(spec: TargetSpec):
 
     tools = check_rocm_toolchain(spec)
     log.info("ROCm %s: ld.lld %s, bitcode %s", spec.arches[0], tools.lld, ", ".join(tools.files))
-    failures: list[BackendUnavailableError] = []
     previous = {name: tvm_ffi.get_global_func(name, allow_missing=True) for name in _CALLBACKS}
-    tvm_ffi.register_global_func("tvm_callback_rocm_link", _linker(tools.lld, failures), override=True)
+    tvm_ffi.register_global_func("tvm_callback_rocm_link", _linker(tools.lld), override=True)
     tvm_ffi.register_global_func("tvm_callback_rocm_bitcode_path", lambda: list(tools.files), override=True)
     try:
         yield
-    except Exception:
-        # An error raised in a callback reaches Python again as TVM's RuntimeError, with a traceback
-        # through TVM; the linker's own message is the one to show.
-        if failures:
-            raise failures[0] from None
-        raise
     finally:
         for name, func in previous.items():
             if func is not None:
                 tvm_ffi.register_global_func(name, func, override=True)
 
 
-def _linker(lld: str, failures: list[BackendUnavailableError]):
+def _linker(lld: str):
     def link(obj) -> bytearray:
         with tempfile.TemporaryDirectory(prefix="qwen2c-rocm-") as tmp:
             src, out = Path(tmp) / "kernels.o", Path(tmp) / "kernels.co"
@@ -163,12 +157,11 @@ def _linker(lld: str, failures: list[BackendUnavailableError]):
             # --no-undefined: a code object with unresolved symbols fails only when a GPU loads it.
             done = subprocess.run([lld, "--no-undefined", "-shared", str(src), "-o", str(out)],
                                   capture_output=True, text=True)
-            if done.returncode != 0:
-                failures.append(BackendUnavailableError(
+            if done.returncode != 0:  # shown as itself by compile_module (pipelines.user_error)
+                raise user_error(BackendUnavailableError(
                     f"{lld} could not link the engine's AMD GPU code object:\n"
                     + (done.stderr or done.stdout or f"exit status {done.returncode}")[-2000:]
                 ))
-                raise failures[-1]
             return bytearray(out.read_bytes())
 
     return link

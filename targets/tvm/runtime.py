@@ -110,6 +110,10 @@ class TvmProgram:
         uploaded: dict[int, tvm.runtime.Tensor] = {}
         # Tied weights arrive as the same array twice; upload it once.
         self.params = [uploaded.setdefault(id(w), tvm.runtime.tensor(w, self.device)) for w in weights]
+        if self.vm.module.implements_function("transform_params"):
+            # Weights the compiler combined (q/k/v, gate/up: pipelines/combine_parallel_linears.py)
+            # are concatenated here, once, on the device; the uploaded originals are then dropped.
+            self.params = list(self.vm["transform_params"](self.params))
         self.max_context = max_context
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]

@@ -11,6 +11,7 @@ from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
 
 from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
+from .combine_parallel_linears import combine_parallel_linears, lift_weight_transforms
 from .dispatch_kernels import dispatch_kernels
 from .use_cpu_attention_kernels import use_cpu_attention_kernels
 
@@ -38,11 +39,14 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
     target = spec.tvm_target()
     lanes = spec.vector_bits // 32
     return [
-        # dispatch: the target's KV cache (with qwen2c's prefill attention), MoE kernels, linear layers.
+        # dispatch: the target's KV cache (with qwen2c's prefill attention), norm and MoE kernels, linear
+        # layers (those reading one input combined, their weights concatenated once at load).
         add_kv_cache_creation(target),
         use_cpu_attention_kernels(lanes),
         dispatch_kernels(kernels(lanes), "cpu"),
+        *combine_parallel_linears(),
         dispatch_cpu_matmul(vector_lanes=lanes),
+        lift_weight_transforms(),
         *cpu_generic.library_dispatch_passes(target),
         # legalize the remaining ops to TIR and fuse elementwise chains.
         *cpu_generic.legalize_passes(target),

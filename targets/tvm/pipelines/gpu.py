@@ -23,6 +23,7 @@ from qwen2c.schedules import gpu_moe, gpu_norm
 from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
 from .check_scheduled import check_scheduled
+from .combine_parallel_linears import combine_parallel_linears, lift_weight_transforms
 from .dispatch_kernels import dispatch_kernels
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,13 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         add_kv_cache_creation(target),
         dispatch_kernels(kernels(max_threads), spec.device),
         *gpu_generic.library_dispatch_passes(target),
-        # legalize the remaining ops to TIR and fuse them. Linear layers first become one NT matmul:
-        # legalized apart, permute_dims(W) is a kernel that copies every weight on every step.
+        # Linear layers reading one input are combined (weights concatenated once, at load), and each
+        # becomes one NT matmul: legalized apart, permute_dims(W) is a kernel that copies every
+        # weight on every step.
+        *combine_parallel_linears(),
         relax.transform.FuseTransposeMatmul(),
+        lift_weight_transforms(),
+        # legalize the remaining ops to TIR and fuse them.
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
