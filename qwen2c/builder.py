@@ -83,9 +83,11 @@ def build(
 
     clock = _Clock(progress)
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
-    # Copies of the weights held at once: the reference, and the engine when parity runs here (the
-    # float32 reference of a half-precision engine is the same model upcast one module at a time).
-    copies = 2.2 if runs_on_this_host(spec) else 1.2
+    # Copies of the weights in host memory at once: the reference, and a CPU engine when parity runs
+    # here (a GPU engine's weights live on the GPU; the float32 reference of a half-precision engine
+    # is the same model upcast one module at a time).
+    parity_here = runs_on_this_host(spec)
+    copies = 2.2 if parity_here and spec.device == "cpu" else 1.2
     config, reference = load_reference(source, dtype, copies=copies)
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
     program = export_model(reference, max_context)
@@ -128,13 +130,13 @@ def build(
             "parity": None,
         }
         engine_dir.write_manifest(staging, manifest)
-        if runs_on_this_host(spec):
+        if parity_here:
             from .runtime import Engine
+            from .verify import TORCH_DEVICES
 
             clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
-            engine = Engine(staging)
-            report = check_parity(engine, reference, dtype, decode_steps=parity_steps)
-            del engine
+            reference = reference.to(TORCH_DEVICES.get(spec.device, "cpu"))  # on the engine's device
+            report = check_parity(Engine(staging), reference, dtype, decode_steps=parity_steps)
             progress(format_report(report))
             if not report["passed"]:
                 raise ParityError(

@@ -218,10 +218,25 @@ def linker_for(spec: TargetSpec) -> str | None:
     )
 
 
+def _gpu_present(kind: str) -> bool:
+    """A real device of ``kind`` here. (A stand-in CUDA driver loaded to compile device code, see
+    targets/tvm/device_code.py, reports no device.)"""
+    import ctypes.util
+
+    if kind == "cuda" and ctypes.util.find_library("cuda") is None:
+        return False
+    try:
+        import tvm
+
+        return bool(tvm.runtime.device(kind, 0).exist)
+    except Exception:  # noqa: BLE001  (no runtime for that kind in this TVM build)
+        return False
+
+
 def runs_on_this_host(spec: TargetSpec) -> bool:
     """Whether engines for ``spec`` can execute here (for the build-time parity check)."""
     if spec.device != "cpu":
-        return False
+        return _gpu_present(spec.device)
     host_arm = platform.machine().lower() in ("aarch64", "arm64")
     if ("aarch64" in spec.tvm.get("mtriple", "")) != host_arm:
         return False

@@ -42,29 +42,33 @@ def lift_weight_transforms() -> tvm.transform.Pass:
     return _pass
 
 
-def _concat_before_transpose() -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="ConcatBeforeTranspose")
+def _concat_rewrite(name: str, rewrite):
+    """A module pass applying ``rewrite(concat_call, bindings) -> expr`` to every ``concat`` of every
+    Relax function; ``bindings`` maps the function's dataflow variables to their values."""
+    pattern = is_op("relax.concat")(wildcard())
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        pattern = is_op("relax.concat")(wildcard())
-
         for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            bound = _bindings(func)
-
-            def rewriter(expr, _matches):
-                parts = expr.args[0]
-                if int(expr.attrs.axis) != 1 or not isinstance(parts, relax.Tuple):
-                    return expr
-                sources = [_transposed_2d(bound.get(part, part)) for part in parts.fields]
-                if any(s is None for s in sources):
-                    return expr
-                return relax.op.permute_dims(relax.op.concat(sources, axis=0))
-
-            mod[gv] = rewrite_call(pattern, rewriter, func)
+            if isinstance(func, relax.Function):
+                bound = _bindings(func)
+                mod[gv] = rewrite_call(pattern, lambda expr, _matches: rewrite(expr, bound), func)
         return mod
 
     return _pass
+
+
+def _concat_before_transpose() -> tvm.transform.Pass:
+    def rewrite(concat: relax.Call, bound: dict):
+        parts = concat.args[0]
+        if int(concat.attrs.axis) != 1 or not isinstance(parts, relax.Tuple):
+            return concat
+        sources = [_transposed_2d(bound.get(part, part)) for part in parts.fields]
+        if any(s is None for s in sources):
+            return concat
+        return relax.op.permute_dims(relax.op.concat(sources, axis=0))
+
+    return _concat_rewrite("ConcatBeforeTranspose", rewrite)
 
 
 def _split_then_concat_is_reshape() -> tvm.transform.Pass:
@@ -74,22 +78,11 @@ def _split_then_concat_is_reshape() -> tvm.transform.Pass:
     are one matmul, that is a split followed by a concatenation of the same bytes: a copy kernel
     per layer, gone when it becomes a reshape (a view).
     """
-    @tvm.transform.module_pass(opt_level=0, name="SplitThenConcatIsReshape")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        pattern = is_op("relax.concat")(wildcard())
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            bound = _bindings(func)
+    def rewrite(concat: relax.Call, bound: dict):
+        whole = _whole_split_source(concat, bound)
+        return concat if whole is None else relax.op.reshape(whole, concat.ty.shape)
 
-            def rewriter(expr, _matches):
-                whole = _whole_split_source(expr, bound)
-                return expr if whole is None else relax.op.reshape(whole, expr.ty.shape)
-
-            mod[gv] = rewrite_call(pattern, rewriter, func)
-        return mod
-
-    return _pass
+    return _concat_rewrite("SplitThenConcatIsReshape", rewrite)
 
 
 def _whole_split_source(concat: relax.Call, bound: dict):
