@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 
 import qwen2c
-from conftest import read_manifest, write_checkpoint, write_moe_checkpoint
+from conftest import write_checkpoint, write_moe_checkpoint
 from qwen2c.errors import BackendUnavailableError, Qwen2cError
 from qwen2c.targets.registry import TARGETS
 from qwen2c.targets.tvm.device_code import fatbin_elf_arches

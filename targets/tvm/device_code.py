@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
-import logging
 import os
 import shutil
 import struct
@@ -34,11 +33,7 @@ from qwen2c.errors import BackendUnavailableError
 from ..registry import TargetSpec
 from .pipelines import user_error
 
-log = logging.getLogger(__name__)
-
 FATBIN_MAGIC = 0xBA55ED50
-ELF_MAGIC = b"\x7fELF"
-EM_CUDA = 190
 
 _STUB_DRIVER_C = r"""
 /* A stand-in for the CUDA driver (libcuda.so.1) on a machine without a GPU: lets TVM's CUDA
@@ -102,19 +97,17 @@ def device_codegen(spec: TargetSpec):
 
 
 def _load_tvm_cuda_runtime() -> None:
-    import tvm
     import tvm_ffi
-    from tvm_ffi.libinfo import load_lib_ctypes
+
+    from .runtime import load_tvm_cuda_library
 
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
         return
     if ctypes.util.find_library("cuda") is None:
         ctypes.CDLL(str(_stub_driver()), mode=ctypes.RTLD_GLOBAL)
-    runtime_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
-        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[runtime_dir])
-    except OSError as e:
+        load_tvm_cuda_library()
+    except (OSError, RuntimeError) as e:
         raise BackendUnavailableError(
             f"TVM's CUDA runtime library (libtvm_runtime_cuda.so) would not load ({e}); it needs the CUDA 13 "
             "runtime (libcudart.so.13: `pip install nvidia-cuda-runtime`). Nothing was written."
@@ -197,7 +190,7 @@ def describe_device_code(library: bytes, spec: TargetSpec) -> dict[str, Any]:
             f"the CUDA library holds no machine code for {', '.join(missing or spec.arches)} (found: "
             f"{', '.join(found) or 'none'}); refusing to write an engine that would compile at load."
         )
-    if b"__global__" in library or b"extern \"C\" __global__" in library:
+    if b"__global__" in library:
         raise BackendUnavailableError("the CUDA library still holds CUDA source; refusing to write it.")
     return {"format": "fatbin", "arches": found, "fatbins": len(fatbins),
             "bytes": sum(size for size, _ in fatbins)}

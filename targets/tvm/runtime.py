@@ -75,6 +75,19 @@ def open_device(kind: str):
     return device
 
 
+def tvm_library_dir() -> Path:
+    return Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+
+
+def load_tvm_cuda_library() -> None:
+    """Load ``libtvm_runtime_cuda.so`` beside TVM's runtime (raises tvm_ffi's RuntimeError when it is
+    absent, OSError when a library it needs is missing). Used to run engines and to build them."""
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+        "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[tvm_library_dir()])
+
+
 def _load_cuda_runtime() -> None:
     """Load TVM's CUDA runtime library, which registers the CUDA module loader and device API.
 
@@ -83,12 +96,9 @@ def _load_cuda_runtime() -> None:
     """
     if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
         return
-    from tvm_ffi.libinfo import load_lib_ctypes
-
-    lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    lib_dir = tvm_library_dir()
     try:
-        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[lib_dir])
+        load_tvm_cuda_library()
     except RuntimeError:  # tvm_ffi's "cannot find library" (a runtime copied without it)
         raise BackendUnavailableError(
             f"this engine is for cuda, and TVM's CUDA runtime (libtvm_runtime_cuda.so) is not in {lib_dir}."
