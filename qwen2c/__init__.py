@@ -3,7 +3,18 @@
 __version__ = "0.1.0"
 
 from .errors import Qwen2cError  # noqa: E402
-from .runtime import Engine, Session, load  # noqa: E402
+
+# The runtime (and TVM with it) is imported on first use, so that `qwen2c --help`, argument errors
+# and a Ctrl-C in the first second of a command need nothing heavy (PEP 562).
+_RUNTIME_NAMES = ("Engine", "Generation", "Session", "load")
+
+
+def __getattr__(name: str):
+    if name in _RUNTIME_NAMES:
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'qwen2c' has no attribute {name!r}")
 
 
 def build(*args, **kwargs):
@@ -13,4 +24,4 @@ def build(*args, **kwargs):
     return _build(*args, **kwargs)
 
 
-__all__ = ["Engine", "Qwen2cError", "Session", "build", "load", "__version__"]
+__all__ = ["Engine", "Generation", "Qwen2cError", "Session", "build", "load", "__version__"]

@@ -21,6 +21,19 @@ from .parity import cache_kwargs, parity_prompt
 from .runtime import load
 
 
+def _check_counts(engine, prompt_tokens, decode_tokens, repeats) -> None:
+    """Before any work: counts are integers >= 1, and the prompt plus decode steps fit the context."""
+    from .args import count
+    from .errors import ConfigError
+
+    prompt = count("--prompt-tokens", prompt_tokens)
+    decode = count("--decode-tokens", decode_tokens)
+    count("--repeats", repeats)
+    if prompt + decode > engine.max_context:
+        raise ConfigError(f"--prompt-tokens {prompt} + --decode-tokens {decode} exceed this engine's maximum "
+                          f"context of {engine.max_context} tokens.")
+
+
 def _median_time(fn, repeats: int) -> float:
     fn()
     times = []
@@ -41,6 +54,7 @@ def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 
     from transformers import DynamicCache
 
     engine = load(directory)
+    _check_counts(engine, prompt_tokens, decode_tokens, repeats)
     _, model = load_reference(resolve_model(str(directory)), engine.manifest["dtype"], copies=2.2)
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
@@ -109,6 +123,7 @@ def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_t
     from .errors import ConfigError
 
     engine = load(directory)
+    _check_counts(engine, prompt_tokens, decode_tokens, repeats)
     moe = engine.manifest.get("moe")
     if not moe:
         raise ConfigError(f"{directory}: not a MoE engine; --dense-experts compares MoE dispatch strategies.")

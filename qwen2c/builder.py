@@ -6,25 +6,32 @@ engine is complete and has passed parity.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import __version__, engine_dir
+from . import __version__, args, engine_dir
 from .checkpoint import checkpoint_dtype, load_reference, resolve_model
 from .errors import BackendUnavailableError, ConfigError, ParityError
+from .fingerprint import WEIGHT_FORMAT, engine_fingerprint
+from .fingerprint import encode as encode_fingerprint
+from .interrupts import interrupt_guard
+from .memory import DTYPE_BYTES
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
+from .signing import load_private_key, sign_engine
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONTEXT = 4096
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -35,10 +42,11 @@ def build(
     dtype: str | None = None,
     max_context: int | None = None,
     force: bool = False,
-    parity_steps: int = DEFAULT_DECODE_STEPS,
+    parity_steps: int | None = None,
     moe_dispatch: str = "sparse",
     arch: str | None = None,
     progress: Callable[[str], None] = log.info,
+    sign_key: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -46,8 +54,22 @@ def build(
     checkpoint's, bfloat16 for presets). ``arch`` (GPU targets): comma-separated architectures.
     ``moe_dispatch`` (MoE models): "sparse" computes each token's routed experts only; "dense" runs
     every expert on every token, weighted 0 where unrouted (a baseline for benchmarks).
+    ``parity_steps``: decode steps checked against transformers (None: 8, or fewer to fit a short
+    context). ``sign_key``: an Ed25519 private key (PEM) that signs the manifest (``signing.py``).
+
+    Every argument is checked, and the destination proven writable with room for the engine,
+    before any slow step. Interrupted (Ctrl-C) at any point, the build raises KeyboardInterrupt,
+    publishes nothing and leaves nothing behind (``interrupts.py``); the staging folders of a build
+    that was killed are removed by the next build to the same destination.
     """
-    import transformers
+    start = time.monotonic()
+    with interrupt_guard() as guard:
+        return _build(model, target, Path(out), dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
+                      sign_key, guard, start)
+
+
+def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
+           sign_key, guard, start) -> dict[str, Any]:
     import tvm
 
     if getattr(tvm.base, "_RUNTIME_ONLY", False):
@@ -56,15 +78,10 @@ def build(
             "separate process, or `import tvm` before the first qwen2c.load()."
         )
 
-    from qwen2c.graphs.export import export_model, param_names
-    from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.registry import TARGETS, linker_for, runs_on_this_host
-    from qwen2c.targets.tvm.compile import compile_module
-    from qwen2c.targets.tvm.device_code import check_device_toolchain, write_library
+    from qwen2c.targets.registry import TARGETS, linker_for
+    from qwen2c.targets.tvm.device_code import check_device_toolchain
     from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
-    from qwen2c.targets.tvm.relax_module import build_relax_module
 
-    out = Path(out)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: qwen2c builds {', '.join(SUPPORTED_DTYPES)} engines.")
     if moe_dispatch not in MOE_DISPATCHES:
@@ -76,12 +93,47 @@ def build(
     source = resolve_model(model)
     if dtype is None:
         dtype = checkpoint_dtype(source) if spec.default_dtype == "checkpoint" else spec.default_dtype
-    limit = source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)
-    max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
-    if not 2 <= max_context <= limit:
-        raise ConfigError(f"--max-context {max_context} must be between 2 and the model's max_position_embeddings ({limit}).")
+    max_context = args.max_context(max_context, source.config.get("max_position_embeddings", args.DEFAULT_MAX_CONTEXT))
+    parity_steps = args.parity_steps(parity_steps, max_context, DEFAULT_DECODE_STEPS)
+    signer = load_private_key(sign_key) if sign_key is not None else None
 
-    clock = _Clock(progress)
+    guard.checkpoint()
+    with engine_dir.Staging(out) as staging:
+        engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
+        with _temporary_files_in(staging.path):
+            manifest = _build_into(staging.path, out, source, spec, linker, dtype, max_context, parity_steps,
+                                   moe_dispatch, _Clock(progress, guard, start))
+        guard.checkpoint()
+        try:
+            manifest = engine_dir.write_manifest(staging.path, manifest)
+            if signer is not None:
+                sign_engine(staging.path, engine_dir.read_manifest(staging.path, verify=False, staging_ok=True), signer)
+        except OSError as e:
+            raise engine_dir.output_error(out, e) or e from None
+        with guard.deferred():  # published whole, or (interrupted meanwhile) not at all
+            guard.checkpoint()
+            engine_dir.publish(staging.path, out, force, abort=lambda: guard.requested)
+            staging.path = None
+            progress(f"[{time.monotonic() - start:6.1f}s] engine written to {out}")
+    return manifest
+
+
+def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_context: int, parity_steps: int,
+                moe_dispatch: str, clock: "_Clock") -> dict[str, Any]:
+    """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
+    staging folder is not an engine)."""
+    import transformers
+    import tvm
+
+    from qwen2c.graphs.export import export_model, param_names
+    from qwen2c.graphs.pipeline import run_passes
+    from qwen2c.targets.registry import runs_on_this_host
+    from qwen2c.targets.tvm.compile import compile_module
+    from qwen2c.targets.tvm.device_code import write_library
+    from qwen2c.targets.tvm.fingerprint import add_fingerprint
+    from qwen2c.targets.tvm.relax_module import build_relax_module
+
+    progress = clock.progress
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
     # Copies of the weights in host memory at once: the reference, and a CPU engine when parity runs
     # here (a GPU engine's weights live on the GPU; the float32 reference of a half-precision engine
@@ -96,7 +148,11 @@ def build(
     for r in reports:
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
     clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
-    module = build_relax_module(program, config, dtype, moe_dispatch)
+    cfg = dict(source.config)
+    moe = _moe_manifest(config, moe_dispatch)
+    params = _param_table(program, param_names(program))
+    fingerprint = engine_fingerprint(cfg, dtype, params, max_context, spec.to_json(), moe)
+    module = add_fingerprint(build_relax_module(program, config, dtype, moe_dispatch), encode_fingerprint(fingerprint))
     compiled = compile_module(module, spec)
     if compiled.launches:
         n = compiled.launches
@@ -104,58 +160,72 @@ def build(
                  f"{n['host_launches']} host launches ({n['kernels_in_graphs']} kernels in "
                  f"{n['graph_replays']} CUDA-graph replays)")
 
-    staging = engine_dir.make_staging(out)
+    clock.step("writing the engine")
     try:
-        clock.step("writing the engine")
         device_code = write_library(compiled.executable, spec, staging / engine_dir.LIBRARY, linker, progress)
-        params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
-        cfg = dict(source.config)
+        _save_weights(program, params, staging / engine_dir.WEIGHTS)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
-        manifest: dict[str, Any] = {
-            "model": {"source": source.name, "preset": source.is_preset, "config": cfg,
-                      "parameters": source.param_count()},
-            "target": spec.to_json(),
-            "device_code": device_code,
-            "launches": compiled.launches,
-            "backend": spec.backend,
-            "dtype": dtype,
-            "max_context": max_context,
-            "moe": _moe_manifest(config, moe_dispatch),
-            "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-            "passes": [r.to_json() for r in reports],
-            "params": params,
-            "tokenizer": tokenizer,
-            "parity": None,
-        }
-        engine_dir.write_manifest(staging, manifest)
-        if parity_here:
-            from .runtime import Engine
-            from .verify import TORCH_DEVICES
+    except Exception as e:  # a full or vanished disk shows up as OSError, or as the linker's or safetensors' error
+        raise engine_dir.output_error(out, e) or e from None
+    manifest: dict[str, Any] = {
+        "model": {"source": source.name, "preset": source.is_preset, "config": cfg,
+                  "parameters": source.param_count()},
+        "target": spec.to_json(),
+        "device_code": device_code,
+        "launches": compiled.launches,
+        "backend": spec.backend,
+        "dtype": dtype,
+        "weight_format": WEIGHT_FORMAT,
+        "max_context": max_context,
+        "moe": moe,
+        "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "passes": [r.to_json() for r in reports],
+        "params": [{"name": p["name"], "key": p["key"]} for p in params],
+        "tokenizer": tokenizer,
+        "parity": None,
+    }
+    if parity_here:
+        from .runtime import Engine
+        from .verify import TORCH_DEVICES
 
-            clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
-            reference = reference.to(TORCH_DEVICES.get(spec.device, "cpu"))  # on the engine's device
-            report = check_parity(Engine(staging), reference, dtype, decode_steps=parity_steps)
-            progress(format_report(report))
-            if not report["passed"]:
-                raise ParityError(
-                    f"the engine's logits disagree with transformers beyond the {dtype} tolerance "
-                    f"(worst: max abs err {report['max_abs_err']:.3g}); no engine was written.\n" + format_report(report)
-                )
-            manifest["parity"] = report
-        else:
-            manifest["parity"] = f"not run (no {spec.device} device)" if spec.device != "cpu" else \
-                f"not run ({spec.name} code does not run on this machine)"
-            progress(f"    parity not run: {spec.name} engines do not run on this machine; `qwen2c verify` where they do "
-                     "records it in the manifest")
-        engine_dir.write_manifest(staging, manifest)
-        engine_dir.publish(staging, out, force)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    clock.step(f"engine written to {out}")
+        clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
+        reference = reference.to(TORCH_DEVICES.get(spec.device, "cpu"))  # on the engine's device
+        engine = Engine(staging, manifest=manifest)
+        report = check_parity(engine, reference, dtype, decode_steps=parity_steps)
+        progress(format_report(report))
+        if not report["passed"]:
+            raise ParityError(
+                f"the engine's logits disagree with transformers beyond the {dtype} tolerance "
+                f"(worst: max abs err {report['max_abs_err']:.3g}); no engine was written.\n" + format_report(report)
+            )
+        manifest["parity"] = report
+    else:
+        manifest["parity"] = f"not run (no {spec.device} device)" if spec.device != "cpu" else \
+            f"not run ({spec.name} code does not run on this machine)"
+        progress(f"    parity not run: {spec.name} engines do not run on this machine; `qwen2c verify` where they do "
+                 "records it in the manifest")
     return manifest
+
+
+@contextlib.contextmanager
+def _temporary_files_in(staging: Path):
+    """Temporary files of the build (TVM's objects before linking, nvcc's, the linker's) inside the
+    staging folder, so a killed build's are removed with it by the next build."""
+    tmp = staging / ".tmp"
+    tmp.mkdir()
+    previous_dir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(tmp), str(tmp)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous_dir
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
@@ -166,27 +236,38 @@ def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
             "num_experts_per_tok": config.num_experts_per_tok, "norm_topk_prob": bool(config.norm_topk_prob)}
 
 
-def _save_weights(program, names: list[tuple[str, str]], path: Path) -> list[dict[str, str]]:
-    """Write the program's parameters once each (tied weights share a key); return the call order."""
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-    tensors: dict[str, torch.Tensor] = {}
+
+def _param_table(program, names: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The program's parameters in call order: name, weights-file key (tied weights share one),
+    safetensors dtype and shape."""
     key_of: dict[int, str] = {}
-    order = []
-    for placeholder, name in names:
+    table = []
+    for _placeholder, name in names:
         tensor = program.state_dict[f"model.{name}"]
         key = key_of.setdefault(tensor.data_ptr(), name)
-        if key == name:
-            tensors[name] = tensor.detach().contiguous()
-        order.append({"name": name, "key": key})
+        table.append({"name": name, "key": key, "dtype": _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)),
+                      "shape": list(tensor.shape)})
+    return table
+
+
+def _save_weights(program, params: list[dict[str, Any]], path: Path) -> None:
+    """Write the program's parameters once each (tied weights share a key)."""
+    from safetensors.torch import save_file
+
+    tensors = {p["key"]: program.state_dict[f"model.{p['key']}"].detach().contiguous()
+               for p in params if p["key"] == p["name"]}
     save_file(tensors, str(path), metadata={"format": "pt"})
-    return order
 
 
 class _Clock:
-    def __init__(self, progress):
-        self.progress, self.start, self.n = progress, time.monotonic(), 0
+    """Progress lines with the time since the build started; each step is an interrupt checkpoint."""
+
+    def __init__(self, progress, guard, start: float):
+        self.progress, self.guard, self.start, self.n = progress, guard, start, 0
 
     def step(self, what: str) -> None:
+        self.guard.checkpoint()
         self.n += 1
         self.progress(f"[{time.monotonic() - self.start:6.1f}s] {what}")

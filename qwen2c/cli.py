@@ -1,4 +1,9 @@
-"""The ``qwen2c`` command line: build, run, verify."""
+"""The ``qwen2c`` command line: build, run, verify.
+
+Every option is checked before any work starts (types and ranges here, limits that depend on the
+model or engine where those are read); every failure a user can cause is one line on stderr and
+a non-zero exit (``EXIT_CODES``), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,58 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .errors import Qwen2cError
 
 log = logging.getLogger("qwen2c")
 
+EXIT_CODES = """exit codes:
+  0    success
+  1    internal error (a bug in qwen2c: please report it; --verbose shows the traceback)
+  2    bad argument, model, checkpoint or engine (corrupt, edited, unsigned where trust was asked);
+       unwritable output or full disk; missing backend or device
+  3    parity failure: the engine disagrees with transformers (build, verify)
+  130  interrupted (Ctrl-C); a build then publishes nothing and leaves nothing behind"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _context(text: str) -> int:
+    """An argparse type: a context length (at least MIN_CONTEXT; the model's limit is checked later)."""
+    from .args import MIN_CONTEXT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < MIN_CONTEXT:
+        raise argparse.ArgumentTypeError(
+            f"{value} is below {MIN_CONTEXT}, the shortest context a build can compile and check")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen2c", description="Compile Qwen2 models into verified engines.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="qwen2c", description="Compile Qwen2 models into verified engines.", epilog=EXIT_CODES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of internal errors")
+    p.add_argument("--version", action="version", version=f"qwen2c {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="build an engine directory from a checkpoint or preset",
                        description="Export, rewrite, compile and check a Qwen2 model; write an engine directory.")
@@ -31,8 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="weight and activation dtype (default: float32 on CPUs; on GPUs the checkpoint's, "
                         "bfloat16 for presets)")
-    b.add_argument("--max-context", type=int, default=None, help="longest sequence the engine serves (default 4096)")
-    b.add_argument("--parity-steps", type=int, default=8, help="decode steps compared with transformers (default 8)")
+    b.add_argument("--max-context", type=_context, default=None,
+                   help="longest sequence the engine serves (default 4096; at least 8, at most the model's "
+                        "max_position_embeddings)")
+    b.add_argument("--parity-steps", type=_count, default=None,
+                   help="decode steps compared with transformers (default 8; at most the context minus 2)")
+    b.add_argument("--sign-key", default=None, metavar="KEY",
+                   help="Ed25519 private key (PEM, `qwen2c keygen`) that signs the engine's manifest")
     b.add_argument("--force", action="store_true", help="replace an existing engine (only once the new one is complete)")
     b.add_argument("--moe-dispatch", choices=("sparse", "dense"), default="sparse",
                    help="MoE models: 'sparse' runs each token's routed experts only (default); 'dense' runs every "
@@ -42,27 +95,32 @@ def _parser() -> argparse.ArgumentParser:
                        description="Export a model on meta tensors (no memory for weights), run the graph passes "
                                    "and report what they fused and the shapes the rewritten program produces.")
     i.add_argument("--model", required=True, help="checkpoint directory or preset (any size)")
-    i.add_argument("--max-context", type=int, default=4096)
+    i.add_argument("--max-context", type=_context, default=4096)
 
     r = sub.add_parser("run", help="generate tokens with an engine", description="Greedy generation with an engine.")
     r.add_argument("engine", help="engine directory")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     g.add_argument("--prompt", help="prompt text (the engine must carry a tokenizer)")
-    r.add_argument("--max-new-tokens", type=int, default=16)
+    r.add_argument("--max-new-tokens", type=_count, default=16,
+                   help="tokens to generate (default 16); generation stops earlier at the engine's maximum context")
+    r.add_argument("--trusted-key", action="append", default=None, metavar="PUBKEY",
+                   help="refuse the engine unless this Ed25519 public key (PEM) signed it; repeatable")
 
     v = sub.add_parser("verify", help="check an engine against the transformers reference",
                        description="Re-run the parity check of an engine against transformers on its own weights.")
     v.add_argument("engine", help="engine directory")
-    v.add_argument("--decode-steps", type=int, default=8)
+    v.add_argument("--decode-steps", type=_count, default=8, help="decode steps compared (default 8)")
     v.add_argument("--no-record", action="store_true",
                    help="do not write the result into the engine's manifest (default: record it)")
+    v.add_argument("--trusted-key", action="append", default=None, metavar="PUBKEY",
+                   help="refuse the engine unless this Ed25519 public key (PEM) signed it; repeatable")
     be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
                         description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
     be.add_argument("engine", help="engine directory")
-    be.add_argument("--prompt-tokens", type=int, default=128)
-    be.add_argument("--decode-tokens", type=int, default=32)
-    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--prompt-tokens", type=_count, default=128)
+    be.add_argument("--decode-tokens", type=_count, default=32)
+    be.add_argument("--repeats", type=_count, default=3)
     be.add_argument("--dense-experts", action="store_true",
                     help="MoE engines: compare with the same model built to run all experts on every token")
     pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
@@ -83,24 +141,44 @@ def _parser() -> argparse.ArgumentParser:
                        description="For every registered target: 'build and run', 'build' (engines run elsewhere) "
                                    "or 'neither', with the reason, from the same checks a build makes.")
     t.add_argument("--json", action="store_true", help="machine-readable output")
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing engines",
+                       description="Write a private key (PEM, readable by you only) for `build --sign-key` and its "
+                                   "public key for `load(trusted_keys=...)` / `--trusted-key`.")
+    k.add_argument("-o", "--output", required=True, metavar="PREFIX",
+                   help="writes PREFIX.key (private) and PREFIX.pub (public)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .interrupts import install_cli_handler
+
+    install_cli_handler()  # later Ctrl-Cs do not interrupt the cleanup after the first
+    command = "qwen2c"
     try:
+        args = _parser().parse_args(argv)
+        command = f"qwen2c {args.command}"
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
-                "pack": _pack, "targets": _targets}[args.command](args)
+                "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
     except Qwen2cError as e:
-        print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except ValueError as e:  # invalid user input caught by the runtime (token ids, lengths)
-        print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qwen2c {args.command}: interrupted; nothing was left half-written.", file=sys.stderr)
+        print(f"{command}: interrupted; nothing was published or left behind.", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the user named: unreadable, unwritable, a disk that filled
+        print(f"{command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line, and the traceback only when asked for
+        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+            raise
+        print(f"{command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(a bug in qwen2c; rerun with --verbose for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 def _progress(msg: str) -> None:
@@ -112,7 +190,7 @@ def _build(args) -> int:
 
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
-                     arch=args.arch, progress=_progress)
+                     arch=args.arch, progress=_progress, sign_key=args.sign_key)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
@@ -124,7 +202,7 @@ def _run(args) -> int:
 
     from .runtime import load
 
-    engine = load(args.engine)
+    engine = load(args.engine, trusted_keys=args.trusted_key)
     if args.prompt is not None:
         ids = engine.tokenizer.encode(args.prompt)
     else:
@@ -138,14 +216,17 @@ def _run(args) -> int:
     print(",".join(map(str, new)))
     if args.prompt is not None:
         print(engine.tokenizer.decode(new))
-    _progress(f"{len(ids)} prompt + {len(new)} new tokens in {elapsed:.2f}s")
+    reasons = {"max_new_tokens": "--max-new-tokens reached", "eos": "end of sequence",
+               "max_context": f"stopped at the engine's maximum context ({engine.max_context} tokens)"}
+    _progress(f"{len(ids)} prompt + {len(new)} new tokens in {elapsed:.2f}s; {reasons[new.stop_reason]}")
     return 0
 
 
 def _verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record)
+    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record,
+                    trusted_keys=args.trusted_key)
     from .parity import format_report
 
     print(format_report(report))
@@ -176,6 +257,17 @@ def _pack(args) -> int:
     summary = pack(args.engines, args.output, python=args.python, weights=not args.no_weights,
                    tokenizer=not args.no_tokenizer, force=args.force, progress=_progress)
     print(format_pack(summary, args.output))
+    return 0
+
+
+def _keygen(args) -> int:
+    from pathlib import Path
+
+    from .signing import generate_key_pair
+
+    private, public = Path(f"{args.output}.key"), Path(f"{args.output}.pub")
+    key = generate_key_pair(private, public)
+    print(f"wrote {private} (private: keep it secret) and {public} (public key {key[:16]}...)")
     return 0
 
 

@@ -20,13 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError, Qwen2cError, read_json_object
+from .errors import EngineError, OutputError, Qwen2cError, read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+SIGNATURE = "signature.json"  # qwen2c/signing.py: signs the manifest, so it is in no checksum table
 
 
 def check_destination(out: Path, force: bool, marker: str = MANIFEST, kind: str = "engine") -> None:
@@ -50,8 +51,13 @@ def _umask() -> int:
     return mask
 
 
-def publish(staging: Path, out: Path, force: bool, marker: str = MANIFEST, kind: str = "engine") -> None:
-    """Move a complete staging directory to ``out``; with ``force``, swap out the old one."""
+def publish(staging: Path, out: Path, force: bool, marker: str = MANIFEST, kind: str = "engine",
+            abort=None) -> None:
+    """Move a complete staging directory to ``out``; with ``force``, swap out the old one.
+
+    ``abort``: called once the new directory is in place, before the old one is deleted; if it
+    returns true (an interrupt arrived meanwhile) the swap is undone and KeyboardInterrupt raised.
+    """
     check_destination(out, force, marker, kind)
     old = None
     if out.exists():
@@ -63,6 +69,11 @@ def publish(staging: Path, out: Path, force: bool, marker: str = MANIFEST, kind:
         if old is not None:
             os.rename(old, out)
         raise
+    if abort is not None and abort():
+        os.rename(out, staging)
+        if old is not None:
+            os.rename(old, out)
+        raise KeyboardInterrupt
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -79,16 +90,18 @@ def file_table(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         p.name: {"sha256": sha256(p), "size": p.stat().st_size}
         for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
     }
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest with the format version and the checksum table; return what was written."""
     for p in directory.iterdir():  # some writers (safetensors) create files private
         if p.is_file() and p.name != LIBRARY:
             p.chmod(0o666 & ~_umask())
     manifest = {**manifest, "format_version": FORMAT_VERSION, "files": file_table(directory)}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
 
 
 def record_in_manifest(directory: Path, key: str, value: Any) -> None:
@@ -105,17 +118,22 @@ def record_in_manifest(directory: Path, key: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
+def read_manifest(directory: Path, verify: bool = True, staging_ok: bool = False) -> dict[str, Any]:
     """The manifest, after checking (``verify``) every listed file's size and SHA-256, and a weights
     file supplied after packing against the tensors the manifest expects."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EngineError(f"{directory}: no such engine directory.")
+    if is_staging(directory) and not staging_ok:
+        raise EngineError(f"{directory}: the staging folder of a build that is running or was interrupted, not an "
+                          "engine; the next build to the same destination removes it.")
     path = directory / MANIFEST
     if not path.is_file():
         raise EngineError(f"{directory}: no {MANIFEST}; not a qwen2c engine (or an incomplete copy of one).")
     manifest = read_json_object(path, EngineError)
     version = manifest.get("format_version")
+    if isinstance(version, bool):
+        version = None
     if version != FORMAT_VERSION:
         raise EngineError(
             f"{path}: engine format version {version!r}, this qwen2c reads version {FORMAT_VERSION}; rebuild the engine."
@@ -125,14 +143,23 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     if not isinstance(files, dict) or LIBRARY not in files or (WEIGHTS not in files and expected_weights is None):
         raise EngineError(f"{path}: the manifest's 'files' table is missing or lacks {LIBRARY}/{WEIGHTS}; rebuild.")
     if verify:
-        _verify_checksums(directory, files)
-        if WEIGHTS not in files:
-            _verify_supplied_weights(directory / WEIGHTS, expected_weights)
+        verify_files(directory, manifest)
     return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every file ``manifest`` lists has its size and SHA-256; a weights file supplied after packing
+    holds the tensors it expects."""
+    files = manifest["files"]
+    _verify_checksums(Path(directory), files)
+    if WEIGHTS not in files:
+        _verify_supplied_weights(Path(directory) / WEIGHTS, manifest.get("expected_weights"))
 
 
 def _verify_checksums(directory: Path, files: dict[str, Any]) -> None:
     for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise EngineError(f"{directory}: the manifest's entry for {name!r} is not a file of the engine; corrupt.")
         file = directory / name
         if not file.is_file():
             raise EngineError(f"{directory}: {name} is listed in the manifest but missing; the engine is incomplete.")
@@ -167,6 +194,8 @@ def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         data = max((t["data_offsets"][1] for t in header.values()), default=0)
     except (KeyError, TypeError, IndexError):
         raise EngineError(f"{path}: not a safetensors file (a tensor entry has no data_offsets).") from None
+    if not isinstance(data, int) or isinstance(data, bool):
+        raise EngineError(f"{path}: not a safetensors file (a tensor's data_offsets are not integers).")
     if 8 + length + data != size:
         raise EngineError(
             f"{path}: {size} bytes, but its header describes {8 + length + data}; the file is truncated or corrupt."
@@ -181,10 +210,13 @@ def _verify_supplied_weights(path: Path, expected: list[dict[str, Any]]) -> None
             f"{path.parent}: no {WEIGHTS}; this engine was packed without its weights. Supply a {WEIGHTS} holding "
             f"the {len(expected)} tensors its manifest lists under 'expected_weights'."
         )
+    if not isinstance(expected, list) or not all(isinstance(w, dict) and {"name", "dtype", "shape"} <= set(w)
+                                                   for w in expected):
+        raise EngineError(f"{path.parent}: the manifest's 'expected_weights' is not a list of tensors; corrupt.")
     found = _safetensors_header(path)
     for want in expected:
-        got = found.pop(want["name"], None)
-        if got is None:
+        got = found.pop(want["name"], None) if isinstance(want["name"], str) else None
+        if not isinstance(got, dict):
             raise EngineError(
                 f"{path}: tensor {want['name']!r} is missing; the engine expects {want['dtype']} {want['shape']}."
             )
@@ -196,4 +228,157 @@ def _verify_supplied_weights(path: Path, expected: list[dict[str, Any]]) -> None
     if found:
         raise EngineError(
             f"{path}: tensor {next(iter(found))!r} is not one this engine uses (see its manifest's 'expected_weights')."
+        )
+
+
+# --- Staging folders that outlive their build (killed builds), and the destination checked first ---
+#
+# A build stages into ``.NAME.building-PID-XXXX`` beside the destination and holds an exclusive
+# lock (flock) on ``.NAME.building-PID-XXXX.lock`` while it runs. The kernel drops the lock when
+# the process dies, however it dies, so the next build to the same destination can tell a staging
+# folder that nobody owns from one that a concurrent build is filling, even if the PID was reused.
+
+STAGING_MARK = ".building-"
+SPACE_MARGIN = 256 << 20  # the library and the linker's temporary objects, beyond the weights
+
+
+def is_staging(directory: Path) -> bool:
+    name = Path(directory).resolve().name
+    return name.startswith(".") and STAGING_MARK in name
+
+
+class Staging:
+    """A locked staging folder for ``out``: created (so the destination is proven writable) before
+    any slow step, removed on exit unless published. Leftovers of dead builds are removed first."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path: Path | None = None
+        self._lock_file = None
+
+    def __enter__(self) -> "Staging":
+        import fcntl
+
+        parent = self.out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(self.out)
+            fd, lock = tempfile.mkstemp(prefix=f".{self.out.name}{STAGING_MARK}{os.getpid()}-", suffix=".lock",
+                                        dir=parent)
+            self._lock_file, self._lock_path = os.fdopen(fd, "w"), Path(lock)
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            self.path = Path(lock[: -len(".lock")])
+            self.path.mkdir()
+            self.path.chmod(0o777 & ~_umask())  # an engine is an ordinary directory
+            (self.path / ".write-probe").write_bytes(b"\0" * 4096)
+            (self.path / ".write-probe").unlink()
+        except OSError as e:
+            self.__exit__(None, None, None)
+            raise output_error(self.out, e) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_file is not None:
+            self._lock_path.unlink(missing_ok=True)
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging folders, lock files and temporary objects that builds to ``out`` left
+    when they were killed; put back an engine that a killed ``--force`` build had moved aside.
+    Returns what was removed."""
+    import fcntl
+
+    out = Path(out)
+    removed = []
+    prefix = f".{out.name}{STAGING_MARK}"
+    if not out.parent.is_dir():
+        return removed
+    for entry in sorted(out.parent.iterdir()):
+        if not entry.name.startswith(prefix) or entry.name.endswith(".lock"):
+            continue
+        lock = entry.with_name(entry.name + ".lock")
+        if lock.exists():
+            try:
+                with open(lock, "a") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its build runs
+            except BlockingIOError:
+                continue
+            except OSError:
+                continue
+        elif _owner_alive(entry.name[len(prefix):]):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        removed.append(entry)
+    for lock in out.parent.glob(f"{_glob_escape(prefix)}*.lock"):
+        if not lock.with_name(lock.name[: -len(".lock")]).exists():
+            try:
+                with open(lock, "a") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+    for old in out.parent.glob(f"{_glob_escape('.' + out.name)}.old-*"):
+        if _owner_alive(old.name.rsplit("-", 1)[-1]):
+            continue
+        if not out.exists() and (old / MANIFEST).is_file():
+            os.rename(old, out)  # a killed --force build had moved the user's engine aside
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
+
+
+def _owner_alive(suffix: str) -> bool:
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+_SPACE_ERRNOS = {"ENOSPC", "EDQUOT", "EFBIG"}
+_ACCESS_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "ELOOP", "EEXIST"}
+
+
+def output_error(out: Path, error: BaseException) -> Qwen2cError | None:
+    """A one-paragraph error for a failure to write to ``out``'s folder, or None if ``error`` is not one."""
+    import errno
+
+    code = errno.errorcode.get(getattr(error, "errno", None) or 0, "")
+    text = str(error)
+    if code in _SPACE_ERRNOS or "No space left" in text or "File too large" in text or "Disk quota" in text:
+        return OutputError(f"-o {out}: the disk filled while writing the engine ({getattr(error, 'strerror', None) or text}); "
+                           "nothing was left behind. Free space and build again.")
+    if code in _ACCESS_ERRNOS:
+        return OutputError(f"-o {out}: cannot write in {out.parent} ({error.strerror}); nothing was built. "
+                           "Choose a writable folder.")
+    return None
+
+
+def check_free_space(staging: Path, out: Path, weight_bytes: int) -> None:
+    """Refuse before any slow step when the destination's disk cannot hold the engine."""
+    need = weight_bytes + SPACE_MARGIN
+    free = shutil.disk_usage(staging).free
+    if free < need:
+        raise OutputError(
+            f"-o {out}: the engine needs about {need / (1 << 20):.0f} MiB ({weight_bytes / (1 << 20):.0f} MiB of "
+            f"weights plus the library and temporary objects), and {out.parent} has {free / (1 << 20):.0f} MiB "
+            "free; nothing was built. Free space or choose another folder."
         )

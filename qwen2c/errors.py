@@ -38,6 +38,10 @@ class EngineError(Qwen2cError):
     """An engine directory that is missing, corrupt, or built for something else."""
 
 
+class OutputError(Qwen2cError):
+    """An engine's destination that cannot be written (permissions, read-only, full disk)."""
+
+
 class BackendUnavailableError(Qwen2cError):
     """A backend (TensorRT, a GPU runtime, ...) that is not installed or has no device here."""
 

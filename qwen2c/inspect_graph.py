@@ -22,9 +22,12 @@ def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) ->
     from qwen2c.graphs.export import export_model
     from qwen2c.graphs.pipeline import run_passes
 
+    from .args import max_context as checked_context
+
     source = resolve_model(model)
+    limit = source.config.get("max_position_embeddings", max_context)
+    max_context = checked_context(min(max_context, limit) if isinstance(max_context, int) else max_context, limit)
     config, reference = meta_model(source)
-    max_context = min(max_context, source.config.get("max_position_embeddings", max_context))
     program = export_model(reference, max_context)
     traced = _count_ops(program)
     reports = run_passes(program, config, "float32", check_lengths=())

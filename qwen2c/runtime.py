@@ -5,11 +5,17 @@ engine = qwen2c.load(DIR)               # verifies the manifest's checksums befo
 engine.generate(ids, max_new_tokens=16) # greedy by default
 s = engine.session(); s.prefill(ids); s.decode(token)
 ```
+
+Threads: one Engine serves any number of sessions from any number of threads at once (its
+weights are in memory once; each thread runs its own VM over them, ``targets/tvm/runtime.py``).
+A Session is one sequence: calls on one session are serialized by its lock, in whatever order
+the threads make them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,17 +28,42 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, directory: str | Path, verify: bool = True):
+    def __init__(self, directory: str | Path, verify: bool = True, trusted_keys: Iterable | None = None,
+                 manifest: dict | None = None):
+        """``trusted_keys``: Ed25519 public keys (``signing.public_key_bytes`` forms); when given, an
+        engine not signed by one of them is refused before its library is opened. ``manifest``: the
+        manifest of an engine being built (its staging folder has none yet)."""
         self.directory = Path(directory)
-        self.manifest = engine_dir.read_manifest(self.directory, verify=verify)
-        cfg = self.manifest["model"]["config"]
-        self.vocab_size: int = cfg["vocab_size"]
-        self.max_context: int = self.manifest["max_context"]
-        self.eos_token_id = cfg.get("eos_token_id")
-        moe = self.manifest.get("moe") or {}
-        self.moe_layers: list[int] = moe.get("layers", [])
+        if manifest is None:
+            manifest = engine_dir.read_manifest(self.directory, verify=False)
+            if trusted_keys is not None:
+                from .signing import check_signature
+
+                check_signature(self.directory, manifest, trusted_keys)
+            if verify:
+                engine_dir.verify_files(self.directory, manifest)
+        self.manifest = manifest
+        self._read_fields()
         self._program = self._open_program()
         self._tokenizer = None
+
+    def _read_fields(self) -> None:
+        """The fields the runtime uses, each checked for type (a corrupt manifest is an EngineError;
+        their values are checked against the library's fingerprint when it opens)."""
+        m = self.manifest
+        cfg = (m.get("model") or {}).get("config") if isinstance(m.get("model"), dict) else None
+        moe = m.get("moe") or {}
+        if not isinstance(cfg, dict) or not isinstance(moe, dict):
+            raise EngineError(f"{self.directory}: the manifest's model config is missing; the engine is corrupt.")
+        self.vocab_size, self.max_context = cfg.get("vocab_size"), m.get("max_context")
+        self.eos_token_id = cfg.get("eos_token_id")
+        self.moe_layers = moe.get("layers", [])
+        for name, value in (("model.config.vocab_size", self.vocab_size), ("max_context", self.max_context)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EngineError(f"{self.directory}: the manifest's {name} is {value!r}; the engine is corrupt.")
+        if not isinstance(self.moe_layers, list) or not isinstance(m.get("target"), dict) \
+                or not isinstance(m["target"].get("device"), str):
+            raise EngineError(f"{self.directory}: the manifest's target or MoE layers are malformed; the engine is corrupt.")
 
     def _open_program(self):
         backend = self.manifest.get("backend")
@@ -48,35 +79,58 @@ class Engine:
             raise EngineError(f"{self.directory / engine_dir.WEIGHTS}: unreadable weights ({e}).") from None
         try:
             weights = [tensors[p["key"]] for p in self.manifest["params"]]
-        except KeyError as e:
+        except (KeyError, TypeError) as e:
             raise EngineError(f"{self.directory}: weight {e} named in the manifest is not in the weights file.") from None
         try:
             return TvmProgram(
-                self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context
+                self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context,
+                check_fingerprint=self._check_fingerprint,
             )
         except Qwen2cError:  # no device or device runtime here: already says what is missing
             raise
         except Exception as e:  # TVM reports a bad library as a generic error
             raise EngineError(f"{self.directory / engine_dir.LIBRARY}: could not open the compiled library ({e}).") from None
 
+    def _check_fingerprint(self, embedded: bytes | None) -> None:
+        """The library's fingerprint against the manifest and the weights file (``fingerprint.py``)."""
+        from . import fingerprint
+
+        library = self.directory / engine_dir.LIBRARY
+        if embedded is None:
+            raise EngineError(f"{library}: the compiled library carries no fingerprint of what it was built for (built "
+                              "by an older qwen2c, or not by qwen2c); rebuild the engine.")
+        header = {t["name"]: t for t in engine_dir.weights_spec(self.directory / engine_dir.WEIGHTS)}
+        fingerprint.check_against_manifest(fingerprint.decode(embedded, str(library)), self.manifest, header,
+                                           str(self.directory))
+
     def session(self) -> "Session":
         return Session(self)
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int = 16, stop_at_eos: bool = False) -> list[int]:
-        """Greedy generation: the ``max_new_tokens`` tokens after ``ids``."""
+    def generate(self, ids: Sequence[int], max_new_tokens: int = 16, stop_at_eos: bool = False) -> "Generation":
+        """Greedy generation: up to ``max_new_tokens`` tokens after ``ids``.
+
+        Stops early at the engine's maximum context (or at EOS with ``stop_at_eos``) and returns
+        what it generated; ``.stop_reason`` says why it stopped.
+        """
+        if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if max_new_tokens == 0:
             self._check_ids(ids, 0)
-            return []
+            return Generation([], "max_new_tokens")
         session = self.session()
         logits = session.prefill(ids)
         out: list[int] = []
         while True:
             token = int(np.argmax(logits))
             out.append(token)
-            if len(out) == max_new_tokens or (stop_at_eos and token == self.eos_token_id):
-                return out
+            if len(out) == max_new_tokens:
+                return Generation(out, "max_new_tokens")
+            if stop_at_eos and token == self.eos_token_id:
+                return Generation(out, "eos")
+            if session.length >= self.max_context:  # the token is generated; feeding it back would not fit
+                return Generation(out, "max_context")
             logits = session.decode(token)
 
     @property
@@ -107,6 +161,15 @@ class Engine:
         return arr.astype(np.int64)
 
 
+class Generation(list):
+    """The generated token ids (a list), and why generation stopped: ``stop_reason`` is
+    "max_new_tokens", "eos" or "max_context" (the engine's maximum context was reached)."""
+
+    def __init__(self, tokens: Iterable[int], stop_reason: str):
+        super().__init__(tokens)
+        self.stop_reason = stop_reason
+
+
 class Session:
     """One sequence and its KV cache."""
 
@@ -114,14 +177,16 @@ class Session:
         self.engine = engine
         self._cache = engine._program.new_cache()
         self._routing: list = []
+        self._lock = threading.Lock()  # one call at a time on this sequence's cache
         self.length = 0
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Append a prompt (or a further chunk of it); return the logits after its last token."""
-        arr = self.engine._check_ids(ids, self.length)
-        logits, self._routing = self.engine._program.forward(self._cache, arr)
-        self.length += arr.size
-        return logits
+        with self._lock:
+            arr = self.engine._check_ids(ids, self.length)
+            logits, self._routing = self.engine._program.forward(self._cache, arr)
+            self.length += arr.size
+            return logits
 
     @property
     def routing(self) -> list[np.ndarray]:
@@ -138,6 +203,8 @@ class Session:
         return self.prefill([int(token)])
 
 
-def load(directory: str | Path) -> Engine:
-    """Open an engine directory, verifying its manifest checksums first."""
-    return Engine(directory)
+def load(directory: str | Path, trusted_keys: Iterable | None = None) -> Engine:
+    """Open an engine directory, verifying its manifest checksums first and, with ``trusted_keys``
+    (Ed25519 public keys: PEM files or text, raw bytes, hex), that one of them signed it; then that
+    the compiled library was built for what the manifest and weights file say."""
+    return Engine(directory, trusted_keys=trusted_keys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import engine_dir
+from . import args, engine_dir
 from .checkpoint import load_reference, resolve_model
 from .parity import DEFAULT_DECODE_STEPS, check_parity
 from .runtime import load
@@ -20,8 +20,10 @@ from .runtime import load
 TORCH_DEVICES = {"cpu": "cpu", "cuda": "cuda", "rocm": "cuda"}  # PyTorch's ROCm build calls its GPUs "cuda"
 
 
-def verify(directory: str | Path, decode_steps: int = DEFAULT_DECODE_STEPS, record: bool = True) -> dict[str, Any]:
-    engine = load(directory)
+def verify(directory: str | Path, decode_steps: int = DEFAULT_DECODE_STEPS, record: bool = True,
+           trusted_keys=None) -> dict[str, Any]:
+    engine = load(directory, trusted_keys=trusted_keys)
+    decode_steps = args.decode_steps(decode_steps, engine.max_context)
     dtype = engine.manifest["dtype"]
     device = TORCH_DEVICES.get(engine.manifest["target"]["device"], "cpu")
     on_gpu = device != "cpu"

@@ -20,6 +20,7 @@ from tvm.relax.utils import copy_with_new_vars
 
 from qwen2c.model_config import head_dim, rope_theta
 
+from .bounded_embedding import CONVERTERS as BOUNDED_EMBEDDING
 from .lower_ops import convert_map
 from .pipelines.add_kv_cache_creation import KV_CACHE_ATTR
 
@@ -47,7 +48,7 @@ class _Importer(ExportedProgramImporter):
 def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse") -> tvm.IRModule:
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
     mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
-        program, True, True, False, convert_map(kv_cache, moe_dispatch))
+        program, True, True, False, {**convert_map(kv_cache, moe_dispatch), **BOUNDED_EMBEDDING})
     main = mod["main"]
     input_ids, *weights = main.params
     seq = input_ids.ty.shape[1]

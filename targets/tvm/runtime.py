@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 from qwen2c.errors import BackendUnavailableError
@@ -114,9 +115,20 @@ def _load_cuda_runtime() -> None:
 
 
 class TvmProgram:
-    def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int):
+    """One loaded library and its weights, shared by every session and thread.
+
+    A Relax VirtualMachine keeps its registers per instance, so one instance must not run two calls
+    at once: each thread gets its own VM (``_thread_vm``) over the same loaded library and the same
+    weight tensors, which compiled code only reads. KV caches belong to sessions.
+    """
+
+    def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int,
+                 check_fingerprint=None):
         self.device = open_device(device)
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+        self.library = tvm.runtime.load_module(str(library))
+        self.vm = VirtualMachine(self.library, self.device)
+        if check_fingerprint is not None:  # before any of the library's code runs on the weights
+            check_fingerprint(read_fingerprint(self.vm))
         uploaded: dict[int, tvm.runtime.Tensor] = {}
         # Tied weights arrive as the same array twice; upload it once.
         self.params = [uploaded.setdefault(id(w), tvm.runtime.tensor(w, self.device)) for w in weights]
@@ -125,13 +137,18 @@ class TvmProgram:
             # are concatenated here, once, on the device; the uploaded originals are then dropped.
             self.params = list(self.vm["transform_params"](self.params))
         self.max_context = max_context
-        self._prefill = self.vm["prefill"]
-        self._decode = self.vm["decode"]
-        self._create = self.vm["create_kv_cache"]
+        self._local = threading.local()
+        self._local.functions = _VmFunctions(self.vm)
+
+    def _thread_vm(self) -> "_VmFunctions":
+        functions = getattr(self._local, "functions", None)
+        if functions is None:
+            functions = self._local.functions = _VmFunctions(VirtualMachine(self.library, self.device))
+        return functions
 
     def new_cache(self):
         shape = [1, self.max_context, self.max_context, PAGE_SIZE, 0]
-        cache = self._create(*(ShapeTuple([v]) for v in shape))
+        cache = self._thread_vm().create(*(ShapeTuple([v]) for v in shape))
         _add_sequence(cache, 0)
         return cache
 
@@ -142,10 +159,31 @@ class TvmProgram:
         device tensors ([n, top_k] experts per token): copied out only if someone asks for them.
         """
         n = int(ids.shape[0])
+        vm = self._thread_vm()
         _begin_forward(cache, _SEQUENCE_IDS, _ONE_TOKEN if n == 1 else ShapeTuple([n]))
-        fn = self._decode if n == 1 else self._prefill
+        fn = vm.decode if n == 1 else vm.prefill
         out = fn(tvm.runtime.tensor(ids.reshape(1, n), self.device), cache, *self.params)
         _end_forward(cache)
         if isinstance(out, tvm.runtime.Tensor):
             return out.numpy().reshape(-1), []
         return out[0].numpy().reshape(-1), list(out[1:])
+
+
+class _VmFunctions:
+    """One VM and the functions a session calls, looked up once."""
+
+    def __init__(self, vm: VirtualMachine):
+        self.vm, self.prefill, self.decode, self.create = vm, vm["prefill"], vm["decode"], vm["create_kv_cache"]
+
+
+FINGERPRINT_FUNCTION = "qwen2c_fingerprint"  # qwen2c/fingerprint.py; embedded by targets/tvm/fingerprint.py
+
+
+def read_fingerprint(vm: VirtualMachine) -> bytes | None:
+    """The fingerprint the library was compiled with (canonical JSON bytes), or None if it has none.
+
+    It is a constant the library returns; the function runs no kernel and reads no input.
+    """
+    if not vm.module.implements_function(FINGERPRINT_FUNCTION):
+        return None
+    return vm[FINGERPRINT_FUNCTION]().numpy().tobytes()

@@ -1,0 +1,65 @@
+"""Arguments checked before any work starts, against the limits that really hold.
+
+Shared by the CLI and the Python API: each check names the option (CLI spelling) and the limit.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from .errors import ConfigError
+
+DEFAULT_MAX_CONTEXT = 4096
+# The shortest context a build can compile and check: the graph passes are verified on 3- and
+# 7-token prompts run through the exported program (graphs/pipeline.py), whose sequence length is
+# bounded by the context; parity then needs a prompt of at least 2 tokens plus its decode steps.
+MIN_CONTEXT = 8
+MIN_PARITY_PROMPT = 2
+
+
+def count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; refuses bools, floats (even 2.0) and strings."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def max_context(value, model_limit: int) -> int:
+    """The context to build for: ``value`` (None: the default, capped by the model) checked against
+    the smallest the build supports and the model's max_position_embeddings."""
+    if value is None:
+        return max(min(DEFAULT_MAX_CONTEXT, model_limit), min(MIN_CONTEXT, model_limit))
+    value = count("--max-context", value, 1)
+    if model_limit < MIN_CONTEXT:
+        raise ConfigError(f"the model's max_position_embeddings is {model_limit}; qwen2c builds engines with a "
+                          f"context of at least {MIN_CONTEXT} tokens.")
+    if not MIN_CONTEXT <= value <= model_limit:
+        raise ConfigError(
+            f"--max-context {value} must be between {MIN_CONTEXT} (the shortest context a build can compile and check) "
+            f"and the model's max_position_embeddings ({model_limit})."
+        )
+    return value
+
+
+def parity_steps(value, context: int, default: int) -> int:
+    """Decode steps of the parity check: they and a prompt of at least 2 tokens fit the context."""
+    most = context - MIN_PARITY_PROMPT
+    if value is None:
+        return min(default, most)
+    value = count("--parity-steps", value, 1)
+    if value > most:
+        raise ConfigError(f"--parity-steps {value} does not fit a context of {context} tokens: the check needs a "
+                          f"prompt of at least {MIN_PARITY_PROMPT} tokens plus one position per step (at most {most}).")
+    return value
+
+
+def decode_steps(value, context: int, option: str = "--decode-steps") -> int:
+    """Decode steps of a check on a built engine (``qwen2c verify``), against its context."""
+    value = count(option, value, 1)
+    most = context - MIN_PARITY_PROMPT
+    if value > most:
+        raise ConfigError(f"{option} {value} does not fit this engine's context of {context} tokens "
+                          f"(at most {most}: the prompt needs {MIN_PARITY_PROMPT}).")
+    return value
