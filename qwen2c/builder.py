@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, args, engine_dir
-from .checkpoint import checkpoint_dtype, load_reference, resolve_model
+from .checkpoint import check_reference_fits, checkpoint_dtype, load_reference, resolve_model
 from .errors import BackendUnavailableError, ConfigError, ParityError
 from .fingerprint import WEIGHT_FORMAT, engine_fingerprint
 from .fingerprint import encode as encode_fingerprint
@@ -97,6 +97,10 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     parity_steps = args.parity_steps(parity_steps, max_context, DEFAULT_DECODE_STEPS)
     signer = load_private_key(sign_key) if sign_key is not None else None
 
+    from qwen2c.targets.registry import runs_on_this_host
+
+    parity_here = runs_on_this_host(spec)
+    check_reference_fits(source, dtype, _host_copies(spec, parity_here))  # memory first, then the disk
     guard.checkpoint()
     with engine_dir.Staging(out) as staging:
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
@@ -135,12 +139,8 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
 
     progress = clock.progress
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
-    # Copies of the weights in host memory at once: the reference, and a CPU engine when parity runs
-    # here (a GPU engine's weights live on the GPU; the float32 reference of a half-precision engine
-    # is the same model upcast one module at a time).
     parity_here = runs_on_this_host(spec)
-    copies = 2.2 if parity_here and spec.device == "cpu" else 1.2
-    config, reference = load_reference(source, dtype, copies=copies)
+    config, reference = load_reference(source, dtype, copies=_host_copies(spec, parity_here))
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
     program = export_model(reference, max_context)
     clock.step("running graph passes (each checked against its input in PyTorch)")
@@ -207,6 +207,13 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
         progress(f"    parity not run: {spec.name} engines do not run on this machine; `qwen2c verify` where they do "
                  "records it in the manifest")
     return manifest
+
+
+def _host_copies(spec, parity_here: bool) -> float:
+    """Copies of the weights in host memory at once: the reference, and a CPU engine when parity runs
+    here (a GPU engine's weights live on the GPU; the float32 reference of a half-precision engine
+    is the same model upcast one module at a time)."""
+    return 2.2 if parity_here and spec.device == "cpu" else 1.2
 
 
 @contextlib.contextmanager

@@ -101,8 +101,7 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
     """
     _, model_class = _classes(source.config)
     config = hf_config(source.config)
-    check_fits(f"model {source.name}", source.param_count(), dtype, copies,
-               hint=f"`qwen2c inspect --model {source.name}` traces and rewrites it at full size without weights.")
+    check_reference_fits(source, dtype, copies)
     torch_dtype = TORCH_DTYPES[dtype]
     if source.is_preset:
         # Drawn directly in the dtype (no float32 copy); RoPE's inv_freq stays float32 as
@@ -125,7 +124,29 @@ def load_reference(source: ModelSource, dtype: str, copies: float = 2.2):
     if problems:
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
         raise ConfigError(f"{source.checkpoint}: the weights do not match config.json ({detail}).")
+    check_finite(model, str(source.checkpoint))
     return model.config, model.eval()
+
+
+def check_finite(model, where: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the tensor: otherwise they surface much later as a
+    graph pass or the engine "disagreeing" with transformers, when the checkpoint is at fault."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            finite = torch.isfinite(p)
+            if not bool(finite.all()):
+                nan, total = int(torch.isnan(p).sum()), p.numel()
+                inf = total - int(finite.sum()) - nan
+                raise ConfigError(
+                    f"{where}: weight {name!r} holds {nan} NaN and {inf} infinite values (of {total}); the checkpoint "
+                    "is damaged or was saved from a diverged model. Nothing was built."
+                )
+
+
+def check_reference_fits(source: ModelSource, dtype: str, copies: float) -> None:
+    """MemoryBudgetError, before anything is allocated, if ``copies`` of the weights do not fit."""
+    check_fits(f"model {source.name}", source.param_count(), dtype, copies,
+               hint=f"`qwen2c inspect --model {source.name}` traces and rewrites it at full size without weights.")
 
 
 def checkpoint_dtype(source: ModelSource) -> str:

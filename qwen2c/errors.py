@@ -52,8 +52,8 @@ def read_json_object(path, error: type[Qwen2cError]) -> dict:
 
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e}).") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: JSONDecodeError, huge numbers
+        raise error(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}).") from None
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, found {type(value).__name__}.")
     return value
