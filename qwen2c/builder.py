@@ -7,6 +7,7 @@ engine is complete and has passed parity.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from .errors import BackendUnavailableError, ConfigError, ParityError
 from .fingerprint import WEIGHT_FORMAT, engine_fingerprint
 from .fingerprint import encode as encode_fingerprint
 from .interrupts import interrupt_guard
+from .isolate import ChildDied, run_forked
 from .memory import DTYPE_BYTES
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
@@ -33,6 +35,7 @@ from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+FULL_DISK_BYTES = 16 << 20  # a write that died with less free than this ran out of space
 
 
 def build(
@@ -162,10 +165,16 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
 
     clock.step("writing the engine")
     try:
-        device_code = write_library(compiled.executable, spec, staging / engine_dir.LIBRARY, linker, progress)
+        # Forked: LLVM aborts the process when a write fails (a disk filling now), see isolate.py.
+        device_code = run_forked(lambda: write_library(compiled.executable, spec, staging / engine_dir.LIBRARY,
+                                                       linker, progress))
         _save_weights(program, params, staging / engine_dir.WEIGHTS)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
+    except ChildDied as e:
+        if shutil.disk_usage(staging).free < FULL_DISK_BYTES:
+            raise engine_dir.output_error(out, OSError(errno.ENOSPC, "No space left on device")) from None
+        raise RuntimeError(f"writing the compiled library failed: the process writing it {e}") from None
     except Exception as e:  # a full or vanished disk shows up as OSError, or as the linker's or safetensors' error
         raise engine_dir.output_error(out, e) or e from None
     manifest: dict[str, Any] = {

@@ -3,6 +3,7 @@ directory holds (manifest, signature, weights header), loading it either works o
 qwen2c error naming what is wrong; never another exception, never a crash."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -19,7 +20,9 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+# QWEN2C_FUZZ_EXAMPLES=1500 for a longer run (each property held for 1,500 examples on 2026-11-29).
+EXAMPLES = int(os.environ.get("QWEN2C_FUZZ_EXAMPLES", "120"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 

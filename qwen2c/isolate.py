@@ -1,0 +1,64 @@
+"""Run a step whose native code may abort the process in a forked child.
+
+LLVM writes the engine's object files itself and, when a write fails (a disk that fills during
+the build), calls ``report_fatal_error``: "LLVM ERROR: IO failure on output stream", then abort().
+In-process that kills the build with no message of ours and no cleanup. Forked, only the child
+dies; the parent sees how, and reports a full disk as one, with its staging folder removed as
+for any other failure.
+
+The child inherits the parent's memory copy-on-write (the compiled module is not copied) and
+runs only the step given; it leaves with ``os._exit``, running no atexit handlers or finalizers
+of the parent's objects.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from typing import Any, Callable
+
+
+class ChildDied(Exception):
+    """The child ended without a result: killed by a signal, or exited by native code (LLVM's fatal
+    errors exit(1) or abort())."""
+
+
+def run_forked(step: Callable[[], Any]) -> Any:
+    """``step()`` in a forked child: its result, or the exception it raised, or ChildDied."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read)
+        code = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent decides what an interrupt means
+            payload = pickle.dumps(("ok", step()))
+        except BaseException as e:
+            code = 1
+            try:
+                payload = pickle.dumps(("error", e))
+            except Exception:  # an exception that does not pickle (TVM's): its type and text
+                payload = pickle.dumps(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+        try:
+            with os.fdopen(write, "wb") as f:
+                f.write(payload)
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # interrupted while waiting: the child must not outlive the build
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if os.WIFSIGNALED(status):
+        raise ChildDied(f"killed by {signal.Signals(os.WTERMSIG(status)).name}")
+    if not data:
+        raise ChildDied(f"ended by native code with exit status {os.WEXITSTATUS(status)}")
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise value
+    return value
