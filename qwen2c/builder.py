@@ -24,6 +24,7 @@ from .checkpoint import check_reference_fits, checkpoint_dtype, load_reference, 
 from .errors import BackendUnavailableError, ConfigError, ParityError
 from .fingerprint import WEIGHT_FORMAT, engine_fingerprint
 from .fingerprint import encode as encode_fingerprint
+from .interrupts import deferred as interrupt_deferred
 from .interrupts import interrupt_guard
 from .isolate import ChildDied, run_forked
 from .memory import DTYPE_BYTES
@@ -140,6 +141,9 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
     from qwen2c.targets.tvm.fingerprint import add_fingerprint
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
+    with interrupt_deferred():  # the compiler's modules (interrupts.py: C++ initialisation)
+        import tvm.relax  # noqa: F401
+        from torch.export import export  # noqa: F401
     progress = clock.progress
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
     parity_here = runs_on_this_host(spec)

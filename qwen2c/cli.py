@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         command = f"qwen2c {args.command}"
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
+        if args.command in ("build", "verify", "bench", "inspect"):
+            _import_heavy_modules()
         return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
                 "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
     except Qwen2cError as e:
@@ -179,6 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(a bug in qwen2c; rerun with --verbose for the traceback and report it)", file=sys.stderr)
         return 1
+
+
+def _import_heavy_modules() -> None:
+    """torch, transformers and all of TVM, with Ctrl-C deferred to the end (interrupts.py: an
+    interrupt inside a C++ extension's initialisation can abort the process)."""
+    from .interrupts import deferred
+
+    with deferred():
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import tvm  # noqa: F401
+
+        from . import builder  # noqa: F401
 
 
 def _progress(msg: str) -> None:

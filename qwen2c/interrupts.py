@@ -7,8 +7,12 @@ that catches exceptions (a schedule rule that declines) can swallow it, so the b
 on and publish. So the handler here also records the interrupt: the build checks the record after
 every step (``checkpoint``), turns whatever exception the interrupt caused into a
 KeyboardInterrupt (``interrupt_guard``), and publishes with interrupts deferred, undoing the
-publish if one arrived meanwhile. Only the first Ctrl-C raises; later ones are recorded, so the
-cleanup after the first is not itself interrupted.
+publish if one arrived meanwhile.
+
+Interrupts are also deferred (recorded, raised when the block ends) while heavy modules are
+imported (``deferred``): a KeyboardInterrupt inside a C++ extension's initialisation (torch, TVM)
+was seen to abort the process (SIGABRT) instead of raising. Only the first Ctrl-C raises; later
+ones are recorded, so the cleanup after the first is not itself interrupted.
 """
 
 from __future__ import annotations
@@ -17,29 +21,45 @@ import contextlib
 import signal
 import threading
 
-_seen = [False]  # a Ctrl-C has raised already (process-wide: the CLI's handler and a guard's)
+# Process-wide, as signal handlers are: whether a Ctrl-C has raised already, how many blocks defer
+# interrupts, and whether one arrived while they did.
+_state = {"raised": False, "deferring": 0, "pending": False}
+_guards: list["InterruptGuard"] = []
 
 
-def raise_once(signum=None, frame=None):
-    """SIGINT handler: KeyboardInterrupt the first time, nothing after."""
-    if not _seen[0]:
-        _seen[0] = True
+def _handler(signum=None, frame=None):
+    """SIGINT handler: record the interrupt; raise KeyboardInterrupt the first time, unless deferring."""
+    for guard in _guards:
+        guard.requested = True
+    if _state["deferring"]:
+        _state["pending"] = True
+    elif not _state["raised"]:
+        _state["raised"] = True
         raise KeyboardInterrupt
 
 
 def install_cli_handler() -> None:
-    signal.signal(signal.SIGINT, raise_once)
+    signal.signal(signal.SIGINT, _handler)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Interrupts inside are recorded; one that arrived raises KeyboardInterrupt when the block ends."""
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+    if not _state["deferring"] and _state["pending"]:
+        _state["pending"] = False
+        if not _state["raised"]:
+            _state["raised"] = True
+            raise KeyboardInterrupt
 
 
 class InterruptGuard:
     def __init__(self):
         self.requested = False
-        self._deferring = 0
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        if not self._deferring:
-            raise_once()
 
     def checkpoint(self) -> None:
         """Raise KeyboardInterrupt if one arrived since the guard was installed."""
@@ -48,24 +68,26 @@ class InterruptGuard:
 
     @contextlib.contextmanager
     def deferred(self):
-        """Interrupts inside only set ``requested``; the caller checks it."""
-        self._deferring += 1
+        """Interrupts inside only set ``requested``; the caller checks it (no raise on leaving)."""
+        _state["deferring"] += 1
         try:
             yield
         finally:
-            self._deferring -= 1
+            _state["deferring"] -= 1
+            _state["pending"] = False
 
 
 @contextlib.contextmanager
 def interrupt_guard():
-    """Install the guard's SIGINT handler for the block (main thread only; elsewhere the guard is
-    inert, since Python delivers signals to the main thread). Any exception leaving the block after
-    an interrupt arrived becomes KeyboardInterrupt."""
+    """Record interrupts for the block (and, in the main thread, handle SIGINT with ``_handler``;
+    elsewhere the guard is inert, since Python delivers signals to the main thread). Any exception
+    leaving the block after an interrupt arrived becomes KeyboardInterrupt."""
     guard = InterruptGuard()
     installed = threading.current_thread() is threading.main_thread()
     if installed:
-        _seen[0] = False
-        previous = signal.signal(signal.SIGINT, guard._handler)
+        _state["raised"] = False
+        previous = signal.signal(signal.SIGINT, _handler)
+    _guards.append(guard)
     try:
         yield guard
     except BaseException as e:
@@ -73,5 +95,6 @@ def interrupt_guard():
             raise KeyboardInterrupt from None
         raise
     finally:
+        _guards.remove(guard)
         if installed:
             signal.signal(signal.SIGINT, previous)

@@ -24,29 +24,45 @@ class ChildDied(Exception):
     errors exit(1) or abort())."""
 
 
+def _child(step: Callable[[], Any], write: int) -> int:
+    code = 0
+    try:
+        payload = pickle.dumps(("ok", step()))
+    except BaseException as e:
+        code = 1
+        try:
+            payload = pickle.dumps(("error", e))
+        except Exception:  # an exception that does not pickle (TVM's): its type and text
+            payload = pickle.dumps(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+    with os.fdopen(write, "wb") as f:
+        f.write(payload)
+    return code
+
+
 def run_forked(step: Callable[[], Any]) -> Any:
     """``step()`` in a forked child: its result, or the exception it raised, or ChildDied."""
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
+    # SIGINT blocked across the fork: a Ctrl-C landing in Python's at-fork handlers (filelock has
+    # some) would break them. The child keeps it blocked (the parent decides what an interrupt
+    # means, and kills the child); the parent gets a pending one as soon as it unblocks.
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # runs pending handlers: may raise
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.close(read)
-        code = 0
+        os.close(write)
+        raise
+    if pid == 0:  # the child: whatever happens, it ends here
+        code = 1
         try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent decides what an interrupt means
-            payload = pickle.dumps(("ok", step()))
-        except BaseException as e:
-            code = 1
-            try:
-                payload = pickle.dumps(("error", e))
-            except Exception:  # an exception that does not pickle (TVM's): its type and text
-                payload = pickle.dumps(("error", RuntimeError(f"{type(e).__name__}: {e}")))
-        try:
-            with os.fdopen(write, "wb") as f:
-                f.write(payload)
+            os.close(read)
+            code = _child(step, write)
         finally:
             os._exit(code)
     os.close(write)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         with os.fdopen(read, "rb") as f:
             data = f.read()
         _, status = os.waitpid(pid, 0)
