@@ -18,7 +18,7 @@ import torch
 from . import __version__, engine_dir
 from .checkpoint import checkpoint_dtype, load_reference, resolve_model
 from .errors import BackendUnavailableError, ConfigError, ParityError
-from .model_config import moe_layers
+from .model_config import context_limit, moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
@@ -62,6 +62,7 @@ def build(
     from qwen2c.targets.tvm.compile import compile_module
     from qwen2c.targets.tvm.device_code import check_device_toolchain, write_library
     from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
+    from qwen2c.targets.tvm.pipelines.add_kv_cache_creation import kv_cache_geometry, prefill_chunk_limit
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
     out = Path(out)
@@ -76,10 +77,11 @@ def build(
     source = resolve_model(model)
     if dtype is None:
         dtype = checkpoint_dtype(source) if spec.default_dtype == "checkpoint" else spec.default_dtype
-    limit = source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)
+    limit = context_limit(source.config)
     max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
     if not 2 <= max_context <= limit:
-        raise ConfigError(f"--max-context {max_context} must be between 2 and the model's max_position_embeddings ({limit}).")
+        raise ConfigError(f"--max-context {max_context} must be between 2 and the model's context ({limit}: "
+                          "max_position_embeddings, or as far as its rope_scaling factor extends the original).")
 
     clock = _Clock(progress)
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
@@ -121,6 +123,7 @@ def build(
             "backend": spec.backend,
             "dtype": dtype,
             "max_context": max_context,
+            "prefill_chunk": prefill_chunk_limit(kv_cache_geometry(module)),
             "moe": _moe_manifest(config, moe_dispatch),
             "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},

@@ -52,7 +52,8 @@ class Engine:
             raise EngineError(f"{self.directory}: weight {e} named in the manifest is not in the weights file.") from None
         try:
             return TvmProgram(
-                self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context
+                self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context,
+                self.manifest.get("prefill_chunk"),
             )
         except Qwen2cError:  # no device or device runtime here: already says what is missing
             raise
@@ -127,7 +128,7 @@ class Session:
     def routing(self) -> list[np.ndarray]:
         """MoE engines: for each sparse layer (``engine.moe_layers``), the experts the tokens of the
         last prefill/decode call were routed to, [tokens, top_k], highest weight first. Dense: []."""
-        return [r.numpy() for r in self._routing]
+        return [np.concatenate([chunk.numpy() for chunk in r]) for r in self._routing]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; return the logits for the next."""

@@ -114,7 +114,8 @@ def _load_cuda_runtime() -> None:
 
 
 class TvmProgram:
-    def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int):
+    def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int,
+                 prefill_chunk: int | None = None):
         self.device = open_device(device)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         uploaded: dict[int, tvm.runtime.Tensor] = {}
@@ -125,6 +126,9 @@ class TvmProgram:
             # are concatenated here, once, on the device; the uploaded originals are then dropped.
             self.params = list(self.vm["transform_params"](self.params))
         self.max_context = max_context
+        # Models with sliding-window layers: the cache attends a prefill chunk exactly only up to
+        # the window (pipelines/add_kv_cache_creation.py), so longer prompts go in chunks.
+        self.prefill_chunk = prefill_chunk or max_context
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         self._create = self.vm["create_kv_cache"]
@@ -136,11 +140,19 @@ class TvmProgram:
         return cache
 
     def forward(self, cache, ids: np.ndarray) -> tuple[np.ndarray, list]:
-        """Append ``ids`` (int64, [n]) to the sequence.
+        """Append ``ids`` (int64, [n]) to the sequence, in chunks of at most ``prefill_chunk``.
 
         Returns the last position's logits and (MoE engines) each sparse layer's routing, still as
-        device tensors ([n, top_k] experts per token): copied out only if someone asks for them.
+        device tensors ([n, top_k] experts per token, one per chunk): copied out only if someone
+        asks for them.
         """
+        routing: list = []
+        for start in range(0, int(ids.shape[0]), self.prefill_chunk):
+            logits, chunk_routing = self._forward(cache, ids[start:start + self.prefill_chunk])
+            routing = [r + [c] for r, c in zip(routing, chunk_routing)] if routing else [[c] for c in chunk_routing]
+        return logits, routing
+
+    def _forward(self, cache, ids: np.ndarray) -> tuple[np.ndarray, list]:
         n = int(ids.shape[0])
         _begin_forward(cache, _SEQUENCE_IDS, _ONE_TOKEN if n == 1 else ShapeTuple([n]))
         fn = self._decode if n == 1 else self._prefill
