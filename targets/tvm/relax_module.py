@@ -13,11 +13,14 @@ chosen experts per token ([n, top_k] int64), as the traced program does.
 
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 from tvm.relax.utils import copy_with_new_vars
 
+from qwen2c.errors import UnsupportedModelError
 from qwen2c.model_config import head_dim
 
 from .lower_ops import convert_map
@@ -46,8 +49,18 @@ class _Importer(ExportedProgramImporter):
 
 def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse") -> tvm.IRModule:
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
-    mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
-        program, True, True, False, convert_map(kv_cache, moe_dispatch))
+    try:
+        mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
+            program, True, True, False, convert_map(kv_cache, moe_dispatch))
+    except AssertionError as e:  # TVM's importer asserts it has a converter for every op
+        found = re.search(r"Unsupported function types \[(.*)\]", str(e))
+        if found is None:
+            raise
+        ops = ", ".join("aten." + name.strip(" '").removesuffix(".default") for name in found.group(1).split(","))
+        raise UnsupportedModelError(
+            f"the traced model uses {ops}, which the TVM backend cannot lower (TVM's PyTorch importer has no "
+            "converter for it); no engine was built. This usually comes from the model's hidden_act."
+        ) from None
     main = mod["main"]
     input_ids, *weights = main.params
     seq = input_ids.ty.shape[1]
