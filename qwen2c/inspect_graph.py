@@ -15,7 +15,7 @@ import torch
 from .checkpoint import meta_model, resolve_model
 from .errors import PassCheckError
 from .memory import DTYPE_BYTES
-from .model_config import active_param_count, moe_layers, param_count
+from .model_config import active_param_count, context_limit, moe_layers, param_count
 
 
 def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) ->
 
     source = resolve_model(model)
     config, reference = meta_model(source)
-    max_context = min(max_context, source.config.get("max_position_embeddings", max_context))
+    max_context = min(max_context, context_limit(source.config))
     program = export_model(reference, max_context)
     traced = _count_ops(program)
     reports = run_passes(program, config, "float32", check_lengths=())

@@ -13,8 +13,8 @@ by (YaRN's mscale; 1 otherwise). Per element, as transformers:
     cos, sin = cast(cos(angle) * factor), cast(sin(angle) * factor)       (cast: to the dtype)
     out = cast(x * cos) + cast(rotate_half(x) * sin)                      (each product rounded)
 
-The loop nest is plain s_tir blocks: the GPU pipeline schedules it with DLight's fallback rule,
-CPUs run it as it is (it is a small part of a step).
+The loop nest is plain s_tir blocks: the GPU pipeline schedules it with DLight's fallback rule;
+on CPUs its tokens run in parallel (``cpu=True``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 SPLIT_ROTARY = "fused_rope"
 
 
-def split_rotary_kernel(q_heads: int, kv_heads: int, head_dim: int, dtype: str):
+def split_rotary_kernel(q_heads: int, kv_heads: int, head_dim: int, dtype: str, cpu: bool = False):
     """``(qkv [n, q+2kv, d], positions [n], q, k, v, table [d/2 + 1]) -> q, k rotated; v copied``."""
     fused_heads = q_heads + 2 * kv_heads
     half = head_dim // 2
@@ -67,4 +67,10 @@ def split_rotary_kernel(q_heads: int, kv_heads: int, head_dim: int, dtype: str):
                 else:
                     v[s, h - q_heads - kv_heads, d] = qkv[s, h, d]
 
-    return split_rotary
+    if not cpu:
+        return split_rotary
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(split_rotary)
+    sch.parallel(sch.get_loops(sch.get_sblock("split_rotary"))[0])
+    return sch.mod["main"]

@@ -48,6 +48,19 @@ def test_scaled_rope_matches_transformers_past_the_original_context(tmp_path, ro
     _steps_match(engine, _reference(ckpt), _prompt(45), steps=24)
 
 
+def test_bfloat16_yarn_engine_matches_transformers_within_its_own_bfloat16_error(tmp_path):
+    """Half precision: cos/sin rounded to bfloat16 and each RoPE product rounded, as transformers
+    does; judged as every half-precision engine is (qwen2c/parity.py), past the original context."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", seed=5, dtype="bfloat16", rope_scaling=YARN, max_position_embeddings=64)
+    manifest = qwen2c.build(str(ckpt), "llvm", tmp_path / "engine", dtype="bfloat16", max_context=96)
+    assert manifest["parity"]["passed"]
+    from qwen2c.checkpoint import load_reference, resolve_model
+
+    _, reference = load_reference(resolve_model(str(ckpt)), "bfloat16")
+    report = check_parity(qwen2c.load(tmp_path / "engine"), reference, "bfloat16", prompt_tokens=45, decode_steps=10)
+    assert report["passed"], report
+
+
 def test_yarn_context_extends_past_max_position_embeddings(tmp_path):
     """Qwen2's instructions add YaRN with max_position_embeddings left at the original context."""
     ckpt = write_checkpoint(tmp_path / "ckpt", seed=6, rope_scaling=YARN, max_position_embeddings=ORIGINAL)

@@ -101,7 +101,7 @@ def _add(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         )
         bb.emit_func_output(bb.emit(cache._expr))
     mod = bb.finalize()
-    rope = split_rotary_kernel(g["q_heads"], g["kv_heads"], g["head_dim"], g["dtype"])
+    rope = split_rotary_kernel(g["q_heads"], g["kv_heads"], g["head_dim"], g["dtype"], cpu=target.kind.name == "llvm")
     (gvar,) = [gv for gv in mod.get_global_vars() if gv.name_hint == SPLIT_ROTARY]
     mod[gvar] = rope.with_attr("global_symbol", SPLIT_ROTARY)
     return mod
