@@ -76,8 +76,9 @@ _PER_CALL_ROPE = {
                "transformers' rotary module keeps the longest length it has seen across sequences "
                "(max_seq_len_cached), so its result depends on the history of calls; torch.export cannot trace it "
                "either (a data-dependent branch on the sequence length)",
-    "longrope": "LongRoPE switches between short and long frequency factors per forward call by the call's "
-                "length, so its result depends on how a sequence is split into calls",
+    "longrope": "LongRoPE picks its short or long frequency factors per forward call, by that call's length "
+                "(so its result also depends on how a sequence is split into calls); qwen2c's RoPE kernel applies "
+                "one frequency table and does not implement that choice",
 }
 
 
@@ -125,8 +126,8 @@ def _validate_rope(cfg: dict[str, Any], source: str) -> None:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in _PER_CALL_ROPE:
         raise ConfigError(
-            f"{source}: {field}.rope_type {rope_type!r} is refused: {_PER_CALL_ROPE[rope_type]}. An engine "
-            "applies one set of frequencies to every position. Supported: " + ", ".join(STATIC_ROPE_TYPES) + "."
+            f"{source}: {field}.rope_type {rope_type!r} is refused: {_PER_CALL_ROPE[rope_type]}. "
+            "Supported: " + ", ".join(STATIC_ROPE_TYPES) + "."
         )
     if rope_type not in STATIC_ROPE_TYPES:
         raise ConfigError(

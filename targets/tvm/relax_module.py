@@ -92,7 +92,7 @@ def attention_geometry(program) -> dict:
     tables = set()
     for n in fused:
         name = tensors[n.args[3].name]
-        inv_freq = (program.state_dict.get(name) if name in program.state_dict else program.constants[name])
+        inv_freq = program.state_dict[name] if name in program.state_dict else program.constants[name]
         tables.add((tuple(inv_freq.to(torch.float32).tolist()), float(n.args[5])))
     # transformers' Qwen2 has one rotary embedding for all layers.
     assert len(tables) == 1, f"layers use {len(tables)} different RoPE tables"
