@@ -146,11 +146,11 @@ def _validate_rope(cfg: dict[str, Any], source: str) -> None:
                                             or factor <= 0):
             raise ConfigError(f"{source}: {field}.factor must be a positive number for rope_type "
                               f"{rope_type!r}, got {factor!r}.")
+        # Absent, transformers takes max_position_embeddings (or the config's own field) instead.
         original = rope.get("original_max_position_embeddings")
-        if rope_type in ("yarn", "llama3") and (not isinstance(original, int) or isinstance(original, bool)
-                                                or original <= 0):
-            raise ConfigError(f"{source}: {field}.original_max_position_embeddings must be a positive integer "
-                              f"for rope_type {rope_type!r}, got {original!r}.")
+        if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
+            raise ConfigError(f"{source}: {field}.original_max_position_embeddings must be a positive integer, "
+                              f"got {original!r}.")
 
 
 def context_limit(cfg: dict[str, Any]) -> int:

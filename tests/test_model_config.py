@@ -24,7 +24,8 @@ from qwen2c.presets import PRESETS
         ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": -1}, "max_window_layers"),
         ({"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention"]}, "layer_types"),
         ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types.*use_sliding_window"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "original_max_position_embeddings"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": "32K"}},
+         "original_max_position_embeddings"),
         ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is refused: dynamic NTK"),
         ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
@@ -48,6 +49,7 @@ def test_invalid_configs_name_the_field(overrides, field):
     {"hidden_act": "gelu"}, {"hidden_act": "gelu_pytorch_tanh"}, {"hidden_act": "relu"},
     {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
     {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    {"rope_scaling": {"type": "yarn", "factor": 4.0}},  # transformers takes max_position_embeddings
     {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64}},
