@@ -7,8 +7,13 @@ these tokens over everything the sequence has seen". The mask and cos/sin comput
 dead and are removed. After this pass no mask remains in the graph: the backend owns positions
 and the KV cache.
 
-Preconditions: the program was exported from transformers' Qwen2 (or Qwen2-MoE) attention with
-default RoPE. Runs before ``fuse_rms_norm`` (independent of it).
+The fused op carries the model's RoPE as the trace holds it: the rotary ``inv_freq`` buffer
+(transformers computed it for the RoPE type: default, linear, YaRN, llama3, ...) and the constant
+cos and sin are multiplied by (the type's attention factor, YaRN's mscale). A layer that
+transformers makes a sliding-window layer (``layer_types``) gets the config's ``sliding_window``.
+
+Preconditions: the program was exported from transformers' Qwen2 (or Qwen2-MoE) attention.
+Runs before ``fuse_rms_norm`` (independent of it).
 """
 
 from __future__ import annotations
@@ -19,9 +24,8 @@ import math
 import torch
 from torch import fx
 
-from qwen2c.model_config import rope_theta
+from qwen2c.model_config import sliding_window
 
-from . import ops
 from .pass_base import GraphPass, Miss, PassContext, aten, ancestors, arg, call, is_op
 
 _TRANSPOSE = (aten.transpose.int,)
@@ -33,6 +37,8 @@ class AttentionMatch:
     q: fx.Node  # [b, s, hq, d] before RoPE
     k: fx.Node  # [b, s, hkv, d] before RoPE
     v: fx.Node  # [b, s, hkv, d]
+    inv_freq: fx.Node  # the rotary embedding's [d / 2] buffer
+    attention_scaling: float  # what cos and sin are multiplied by
     scale: float
 
 
@@ -60,6 +66,33 @@ def _rope_input(node: fx.Node) -> fx.Node | str:
             return f"rotate_half slices {low.args[1:]} / {high.args[1:]} do not split head_dim in half"
         return x
     return f"{node} is not x*cos + rotate_half(x)*sin"
+
+
+def _rope_tables(q_rope: fx.Node, ctx: PassContext, head_dim: int) -> tuple[fx.Node, float] | str:
+    """The inv_freq buffer and the cos/sin scaling behind ``q_rope``'s RoPE; else why not found.
+
+    transformers: ``cos = cat(f, f).cos() * attention_scaling`` with ``f = positions * inv_freq``
+    (sin alike), cast to the activations' dtype.
+    """
+    nodes = ancestors(q_rope)
+    trig = {op: [n for n in nodes if is_op(n, op)] for op in (aten.cos.default, aten.sin.default)}
+    if any(len(found) != 1 for found in trig.values()):
+        return "RoPE's cos/sin tables are not one cos and one sin of the rotary angles"
+    scales = []
+    for (found,) in trig.values():
+        users = list(found.users)
+        if len(users) != 1 or not is_op(users[0], aten.mul.Tensor) or not isinstance(users[0].args[1], (int, float)):
+            return f"{found} is not scaled by a constant (transformers multiplies cos and sin by attention_scaling)"
+        scales.append(float(users[0].args[1]))
+    if scales[0] != scales[1]:
+        return f"cos and sin are scaled differently ({scales[0]} vs {scales[1]})"
+    buffers = [n for n in ancestors(trig[aten.cos.default][0]) if n.name.endswith("inv_freq")
+               and ctx.placeholder_tensor(n) is not None]
+    if len(buffers) != 1:
+        return f"expected one rotary inv_freq buffer behind RoPE's angles, found {[n.name for n in buffers]}"
+    if tuple(buffers[0].meta["val"].shape) != (head_dim // 2,):
+        return f"inv_freq has shape {list(buffers[0].meta['val'].shape)}, not [{head_dim // 2}] (partial rotary?)"
+    return buffers[0], scales[0]
 
 
 def _unrepeat(node: fx.Node, group: int) -> fx.Node | str:
@@ -117,34 +150,18 @@ class FuseAttention(GraphPass):
         if q_heads % kv_heads:
             return miss(f"{q_heads} query heads do not divide into {kv_heads} kv heads")
 
-        theta = rope_theta(ctx.config)
-        inv_freq = self._inv_freq(q, ctx)
-        if inv_freq is None:
-            return miss("no rotary inv_freq buffer feeds RoPE's cos/sin")
-        expected = ops.rope_inv_freq(head_dim, theta)
-        # Meta tensors (a shape-only trace of a model too large to load) carry no values to check.
-        if inv_freq.shape != expected.shape or (
-            not inv_freq.is_meta and not torch.allclose(inv_freq.float(), expected, rtol=1e-6)
-        ):
-            return miss(f"RoPE inv_freq is not the default RoPE of theta={theta} (scaled RoPE?)")
-
+        rope = _rope_tables(q, ctx, head_dim)
+        if isinstance(rope, str):
+            return miss(rope)
         scale = arg(node, 6, "scale")
-        return AttentionMatch(q_plain, k_plain, v_plain, 1.0 / math.sqrt(head_dim) if scale is None else scale)
-
-    @staticmethod
-    def _inv_freq(q_rope: fx.Node, ctx: PassContext) -> torch.Tensor | None:
-        for n in ancestors(q_rope):
-            tensor = ctx.placeholder_tensor(n)
-            if tensor is not None and n.name.endswith("inv_freq"):
-                return tensor
-        return None
+        return AttentionMatch(q_plain, k_plain, v_plain, *rope, 1.0 / math.sqrt(head_dim) if scale is None else scale)
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, m: AttentionMatch, ctx: PassContext) -> None:
         with graph.inserting_before(node):
             q, k, v = (_bshd(graph, x, node) for x in (m.q, m.k, m.v))
             layer = sum(1 for n in graph.nodes if is_op(n, torch.ops.qwen2c.fused_attention.default))
-            fused = call(graph, torch.ops.qwen2c.fused_attention.default, q, k, v, layer,
-                         rope_theta(ctx.config), float(m.scale), like=node)
+            fused = call(graph, torch.ops.qwen2c.fused_attention.default, q, k, v, m.inv_freq, layer,
+                         m.attention_scaling, float(m.scale), sliding_window(ctx.config, layer), like=node)
             out = call(graph, aten.transpose.int, fused, 1, 2, like=node)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

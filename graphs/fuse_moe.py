@@ -5,15 +5,17 @@ Anchored on the router's ``topk``. What transformers traces for one block:
     logits  = linear(x, router_weight)                      # [tokens, experts]
     w, idx  = topk(softmax(logits, float32), k)             # (+ w /= w.sum(-1) if norm_topk_prob)
     routed  = <grouped experts over (w, idx)>               # sort by expert, grouped_mm (gate_up),
-                                                            # silu(gate) * up, grouped_mm (down), x w, sum
-    shared  = down(silu(gate(x)) * up(x))
+                                                            # act(gate) * up, grouped_mm (down), x w, sum
+    shared  = down(act(gate(x)) * up(x))
     out     = routed + sigmoid(linear(x, shared_expert_gate)) * shared
 
 The matcher checks the two ends exactly (router, shared expert, the final add) and the experts'
 computation between them by what it is made of: the only ops allowed there are the grouping and
 indexing ops of transformers' grouped experts, two grouped matmuls over this block's expert
-weights, and one SwiGLU. Anything else (another activation, a bias, a different combine) is refused
-with the op at fault, and the pipeline's numeric check backs the structural one.
+weights, and one gated activation ``act(gate) * up``, where ``act`` is whichever of silu, gelu
+(exact or tanh) and relu the trace holds (``hidden_act``: SwiGLU for Qwen2's silu), the same in the
+shared expert. Anything else (another activation, a bias, a different combine) is refused with the
+op at fault, and the pipeline's numeric check backs the structural one.
 
 The fused op's second output is the routing (expert indices per token), so a program that returns
 its routing (``export.py`` does, for MoE models) keeps returning it.
@@ -47,10 +49,13 @@ _EXPERT_PLUMBING = {
     "aten.split", "aten.split_with_sizes", "aten.slice", "aten.unsqueeze", "aten.squeeze", "aten.empty_like",
     "aten.zeros_like", "aten.zeros", "aten.empty", "aten.arange", "aten.index_put_", "aten.index_put",
     "aten.index_add", "aten.index_add_", "aten.view", "aten.reshape", "aten._unsafe_view", "aten.sum",
-    "aten.mul", "aten.silu", "aten.expand", "aten.contiguous", "aten.clone", "aten.sym_size",
+    "aten.mul", "aten.expand", "aten.contiguous", "aten.clone", "aten.sym_size",
     "aten._assert_tensor_metadata", "aten.masked_fill", "aten.clamp", "aten.clamp_",
     "operator.getitem", "operator.mul", "operator.floordiv", "operator.add",
 }
+
+# The traced activations the fused op computes, by op name (gelu: by its ``approximate`` argument).
+_ACTIVATION_OPS = {"aten.silu": "silu", "aten.gelu": "gelu", "aten.relu": "relu"}
 
 _ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate\.weight$")
 # A Qwen2-MoE sparse block's parameters, named inside the block (layers.N.mlp.<name>).
@@ -67,6 +72,7 @@ class MoeMatch:
     weights: dict[str, fx.Node]  # the fused op's weight arguments, by name
     top_k: int
     norm_topk_prob: bool
+    act: str  # the experts' activation (ops.ACTIVATIONS)
     indices: fx.Node  # topk's index output, which may have users outside the block
     region: set[fx.Node]  # the traced block's nodes, replaced by the fused op (erased once unused)
     out: fx.Node
@@ -108,7 +114,7 @@ class FuseMoe(GraphPass):
             reasons = "; ".join(str(m) for m in report.misses) or "no router (softmax + topk) was found"
             raise UnsupportedModelError(
                 f"qwen2c cannot compile the MoE block of layer(s) {unfused}: {reasons}. The fused MoE op computes "
-                "the Qwen2-MoE block (softmax top-k router, SwiGLU experts, sigmoid-gated shared expert); a block "
+                "the Qwen2-MoE block (softmax top-k router, gated-MLP experts, sigmoid-gated shared expert); a block "
                 "that differs is refused rather than compiled into a wrong engine."
             )
         return report
@@ -119,7 +125,7 @@ class FuseMoe(GraphPass):
             fused = call(
                 graph, torch.ops.qwen2c.fused_moe.default, m.x, w["router"], w["gate_up"], w["down"],
                 w["shared_gate"], w["shared_up"], w["shared_down"], w["shared_expert_gate"],
-                m.top_k, m.norm_topk_prob, like=m.out,
+                m.top_k, m.norm_topk_prob, m.act, like=m.out,
             )
             out = call(graph, operator.getitem, fused, 0, like=m.out)
             experts = call(graph, operator.getitem, fused, 1, like=m.out)
@@ -186,9 +192,9 @@ class FuseMoe(GraphPass):
         if not is_op(gated, aten.mul.Tensor):
             return miss("the shared-expert gate is not sigmoid(...) * shared_expert(x)")
         shared = gated.args[1] if gated.args[0] is sig else gated.args[0]
-        problem = _check_swiglu_mlp(shared, x_root, params)
-        if problem:
-            return miss(f"shared expert: {problem}")
+        act = _check_gated_mlp(shared, x_root, params)
+        if act.startswith("!"):
+            return miss(f"shared expert: {act[1:]}")
         out = _single_user(gated)
         if not is_op(out, aten.add.Tensor):
             return miss("the gated shared expert is not added to the routed experts' output")
@@ -196,7 +202,7 @@ class FuseMoe(GraphPass):
 
         # --- the routed experts, checked by what they are made of ---
         boundary = {x_root, values, indices, *params.values()}
-        region, problem = _expert_region(routed, boundary, x_root, params)
+        region, problem = _expert_region(routed, boundary, x_root, params, act)
         if problem:
             return miss(f"routed experts: {problem}")
         reached = region | {routed}
@@ -217,7 +223,7 @@ class FuseMoe(GraphPass):
         if problem:
             return miss(problem)
         router_nodes = {logits, probs, node, values, indices, *_users(values)}
-        return MoeMatch(layer, x, weights, k, norm, indices, region | router_nodes | {gated, sig, gate_logit, out}, out)
+        return MoeMatch(layer, x, weights, k, norm, act, indices, region | router_nodes | {gated, sig, gate_logit, out}, out)
 
 
 def _param_name(ctx: PassContext, node) -> str | None:
@@ -249,24 +255,37 @@ def _is_sum_last(node, of: fx.Node) -> bool:
     return is_op(node, aten.sum.dim_IntList) and node.args[0] is of and list(node.args[1]) in ([-1], [1])
 
 
-def _check_swiglu_mlp(shared: fx.Node, x_root: fx.Node, params: dict[str, fx.Node]) -> str | None:
+def traced_activation(node) -> str | None:
+    """The name (``ops.ACTIVATIONS``) of the activation ``node`` computes, if it is one of them."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    name = _ACTIVATION_OPS.get(op_name(node))
+    if name == "gelu" and arg(node, 1, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    if name == "gelu" and arg(node, 1, "approximate", "none") != "none":
+        return None
+    return name
+
+
+def _check_gated_mlp(shared: fx.Node, x_root: fx.Node, params: dict[str, fx.Node]) -> str:
+    """The activation of ``down(act(gate(x)) * up(x))``; else "!" and what is wrong."""
     if not _bias_free_linear(shared) or shared.args[1] is not params["shared_expert.down_proj.weight"]:
-        return f"its output {shared} is not down_proj(...) without bias"
-    act = shared.args[0]
-    if not is_op(act, aten.mul.Tensor):
-        return f"{act} is not silu(gate_proj(x)) * up_proj(x)"
-    silu = next((a for a in act.args if is_op(a, aten.silu.default)), None)
-    up = next((a for a in act.args if a is not silu), None)
-    if silu is None:
-        return "its activation is not silu"
-    if _linear_of(silu.args[0], x_root) is not params["shared_expert.gate_proj.weight"]:
-        return "silu is not applied to gate_proj(x)"
+        return f"!its output {shared} is not down_proj(...) without bias"
+    product = shared.args[0]
+    if not is_op(product, aten.mul.Tensor):
+        return f"!{product} is not act(gate_proj(x)) * up_proj(x)"
+    act = next((a for a in product.args if traced_activation(a)), None)
+    up = next((a for a in product.args if a is not act), None)
+    if act is None:
+        return f"!its activation ({', '.join(str(a) for a in product.args)}) is not one of {sorted(_ACTIVATION_OPS)}"
+    if _linear_of(act.args[0], x_root) is not params["shared_expert.gate_proj.weight"]:
+        return f"!{act} is not applied to gate_proj(x)"
     if _linear_of(up, x_root) is not params["shared_expert.up_proj.weight"]:
-        return "the gated product's other factor is not up_proj(x)"
-    return None
+        return "!the gated product's other factor is not up_proj(x)"
+    return traced_activation(act)
 
 
-def _expert_region(routed: fx.Node, boundary: set[fx.Node], x_root, params) -> tuple[set[fx.Node], str | None]:
+def _expert_region(routed: fx.Node, boundary: set[fx.Node], x_root, params, act: str) -> tuple[set[fx.Node], str | None]:
     """The nodes computing ``routed`` from the boundary, and what is wrong with them, if anything."""
     region: set[fx.Node] = set()
     todo = [routed]
@@ -284,7 +303,9 @@ def _expert_region(routed: fx.Node, boundary: set[fx.Node], x_root, params) -> t
         todo.extend(n.all_input_nodes)
     names = {n: op_name(n) for n in region}
     grouped = [n for n, name in names.items() if name in _GROUPED_MM_NAMES]
-    other = sorted({name for n, name in names.items() if name not in _EXPERT_PLUMBING and n not in grouped})
+    acts = [n for n in region if traced_activation(n)]
+    other = sorted({name for n, name in names.items()
+                    if name not in _EXPERT_PLUMBING and n not in grouped and n not in acts})
     if other:
         return region, f"uses {', '.join(other)}, which the fused MoE op does not compute"
     if len(grouped) != 2:
@@ -293,10 +314,11 @@ def _expert_region(routed: fx.Node, boundary: set[fx.Node], x_root, params) -> t
     if {*reads} != {params["experts.gate_up_proj"], params["experts.down_proj"]}:
         return region, "its grouped matmuls do not read this block's gate_up_proj and down_proj"
     first = grouped[reads.index(params["experts.gate_up_proj"])]
-    silus = [n for n in region if is_op(n, aten.silu.default)]
-    if len(silus) != 1:
-        return region, f"has {len(silus)} silu activations, expected 1"
-    problem = _check_expert_swiglu(silus[0], first)
+    if len(acts) != 1:
+        return region, f"has {len(acts)} activations, expected 1"
+    if traced_activation(acts[0]) != act:
+        return region, f"its activation {traced_activation(acts[0])} differs from the shared expert's {act}"
+    problem = _check_expert_gated(acts[0], first)
     if problem:
         return region, problem
     # The experts' tokens are gathered from the block's own input.
@@ -311,20 +333,20 @@ def _strip_transpose(node):
     return node
 
 
-def _check_expert_swiglu(silu: fx.Node, gate_up: fx.Node) -> str | None:
-    """silu(first half of gate_up(x)) * second half: the gate rows come first in gate_up_proj."""
-    half = silu.args[0]
+def _check_expert_gated(act: fx.Node, gate_up: fx.Node) -> str | None:
+    """act(first half of gate_up(x)) * second half: the gate rows come first in gate_up_proj."""
+    half = act.args[0]
     chunk = half.args[0] if is_op(half, operator.getitem) else None
     if not is_op(chunk, aten.chunk.default) or chunk.args[0] is not gate_up or half.args[1] != 0 or chunk.args[1] != 2:
-        return "silu is not applied to the first half of the gate_up projection"
+        return f"{act} is not applied to the first half of the gate_up projection"
     if arg(chunk, 2, "dim", 0) not in (-1, 1):
         return "the gate_up projection is not split along its features"
-    product = _single_user(silu)
+    product = _single_user(act)
     other = None
     if is_op(product, aten.mul.Tensor):
-        other = product.args[1] if product.args[0] is silu else product.args[0]
+        other = product.args[1] if product.args[0] is act else product.args[0]
     if not (is_op(other, operator.getitem) and other.args[0] is chunk and other.args[1] == 1):
-        return "the activation is not multiplied by the second half of the gate_up projection (SwiGLU)"
+        return "the activation is not multiplied by the second half of the gate_up projection (a gated MLP)"
     return None
 
 

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fused_attention", "fused_moe", "fused_rms_norm", "moe_route", "rope_cos_sin", "rope_inv_freq"]
+__all__ = ["ACTIVATIONS", "activation", "fused_attention", "fused_moe", "fused_rms_norm", "moe_route", "rope_cos_sin"]
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """Default (unscaled) RoPE inverse frequencies, computed exactly as transformers does."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-    return 1.0 / (theta**exponent)
+# Activations a fused MoE block's experts may use, by the name its traced op gives (see
+# ``fuse_moe.traced_activation``): transformers' ACT2FN silu, gelu, gelu_pytorch_tanh, relu.
+ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions.to(torch.float32)[:, None] * rope_inv_freq(head_dim, theta)[None, :]
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    return ACTIVATIONS[name](x)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype):
+    """cos/sin tables as transformers' rotary embedding computes them: float32 angles (position x
+    inv_freq), both halves alike, scaled by the RoPE type's attention factor (YaRN's mscale), then
+    cast to the activations' dtype."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -33,31 +44,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("qwen2c::fused_attention", mutates_args=())
 def fused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, rope_theta: float, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor, layer: int,
+    attention_scaling: float, scale: float, sliding_window: int,
 ) -> torch.Tensor:
     """Causal attention of new tokens over everything the sequence has seen, RoPE included.
 
     q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim], before RoPE.
-    Returns [batch, seq, q_heads, head_dim]. ``layer`` names the KV-cache slot a backend uses;
-    the eager reference has no cache, so the sequence is the whole prompt (positions 0..seq-1).
+    ``inv_freq`` [head_dim / 2] and ``attention_scaling`` are the model's RoPE (any scaling type is
+    already in them); ``sliding_window`` > 0 limits each query to that many latest keys (its own
+    included), as transformers' sliding layers do. Returns [batch, seq, q_heads, head_dim].
+    ``layer`` names the KV-cache slot a backend uses; the eager reference has no cache, so the
+    sequence is the whole prompt (positions 0..seq-1).
     """
     _, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    cos, sin = rope_cos_sin(torch.arange(seq), head_dim, rope_theta)
-    cos, sin = cos.to(q.dtype)[None, :, None, :], sin.to(q.dtype)[None, :, None, :]
+    cos, sin = rope_cos_sin(torch.arange(seq), inv_freq, attention_scaling, q.dtype)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     group = q_heads // kv_heads
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
+    pos = torch.arange(seq)
+    visible = pos[None, :] <= pos[:, None]
+    if sliding_window > 0:
+        visible &= pos[None, :] > pos[:, None] - sliding_window
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible, scale=scale
     )
     return out.transpose(1, 2).contiguous()
 
 
 @fused_attention.register_fake
-def _(q, k, v, layer, rope_theta, scale):
+def _(q, k, v, inv_freq, layer, attention_scaling, scale, sliding_window):
     return torch.empty_like(q)
 
 
@@ -95,12 +114,14 @@ def fused_moe(
     shared_expert_gate: torch.Tensor,
     top_k: int,
     norm_topk_prob: bool,
+    act: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Qwen2-MoE sparse block: routed SwiGLU experts plus a sigmoid-gated shared expert.
+    """A Qwen2-MoE sparse block: routed gated-MLP experts plus a sigmoid-gated shared expert.
 
     x: [tokens, hidden]; router_weight: [experts, hidden]; gate_up_proj: [experts, 2 * inter, hidden]
     (gate rows first); down_proj: [experts, hidden, inter]; shared_*: a SwiGLU MLP in nn.Linear
-    layout; shared_expert_gate: [1, hidden]. Returns the block output [tokens, hidden] and the
+    layout; shared_expert_gate: [1, hidden]; ``act``: the experts' activation (``ACTIVATIONS``),
+    ``act(gate) * up`` (SwiGLU with silu). Returns the block output [tokens, hidden] and the
     experts each token was routed to, [tokens, top_k] int64, highest weight first.
     """
     linear = torch.nn.functional.linear
@@ -110,13 +131,13 @@ def fused_moe(
     for e in experts.unique().tolist():
         token, slot = (experts == e).nonzero(as_tuple=True)
         gate, up = linear(x[token], gate_up_proj[e]).chunk(2, dim=-1)
-        y = linear(torch.nn.functional.silu(gate) * up, down_proj[e]) * weights[token, slot, None]
+        y = linear(activation(act, gate) * up, down_proj[e]) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
-    shared = linear(torch.nn.functional.silu(linear(x, shared_gate_proj)) * linear(x, shared_up_proj), shared_down_proj)
+    shared = linear(activation(act, linear(x, shared_gate_proj)) * linear(x, shared_up_proj), shared_down_proj)
     return out + torch.sigmoid(linear(x, shared_expert_gate)) * shared, experts
 
 
 @fused_moe.register_fake
 def _(x, router_weight, gate_up_proj, down_proj, shared_gate_proj, shared_up_proj, shared_down_proj,
-      shared_expert_gate, top_k, norm_topk_prob):
+      shared_expert_gate, top_k, norm_topk_prob, act):
     return torch.empty_like(x), x.new_empty((x.shape[0], top_k), dtype=torch.int64)

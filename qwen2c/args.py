@@ -33,12 +33,12 @@ def max_context(value, model_limit: int) -> int:
         return max(min(DEFAULT_MAX_CONTEXT, model_limit), min(MIN_CONTEXT, model_limit))
     value = count("--max-context", value, 1)
     if model_limit < MIN_CONTEXT:
-        raise ConfigError(f"the model's max_position_embeddings is {model_limit}; qwen2c builds engines with a "
+        raise ConfigError(f"the model's context is {model_limit} tokens; qwen2c builds engines with a "
                           f"context of at least {MIN_CONTEXT} tokens.")
     if not MIN_CONTEXT <= value <= model_limit:
         raise ConfigError(
             f"--max-context {value} must be between {MIN_CONTEXT} (the shortest context a build can compile and check) "
-            f"and the model's max_position_embeddings ({model_limit})."
+            f"and the model's context ({model_limit}: max_position_embeddings, or as far as its rope_scaling extends it)."
         )
     return value
 

@@ -28,7 +28,7 @@ from .interrupts import deferred as interrupt_deferred
 from .interrupts import interrupt_guard
 from .isolate import ChildDied, run_forked
 from .memory import DTYPE_BYTES
-from .model_config import moe_layers
+from .model_config import context_limit, moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .signing import load_private_key, sign_engine
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
@@ -97,7 +97,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     source = resolve_model(model)
     if dtype is None:
         dtype = checkpoint_dtype(source) if spec.default_dtype == "checkpoint" else spec.default_dtype
-    max_context = args.max_context(max_context, source.config.get("max_position_embeddings", args.DEFAULT_MAX_CONTEXT))
+    max_context = args.max_context(max_context, context_limit(source.config))
     parity_steps = args.parity_steps(parity_steps, max_context, DEFAULT_DECODE_STEPS)
     signer = load_private_key(sign_key) if sign_key is not None else None
 
@@ -139,6 +139,7 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
     from qwen2c.targets.tvm.compile import compile_module
     from qwen2c.targets.tvm.device_code import write_library
     from qwen2c.targets.tvm.fingerprint import add_fingerprint
+    from qwen2c.targets.tvm.pipelines.add_kv_cache_creation import kv_cache_geometry, prefill_chunk_limit
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
     with interrupt_deferred():  # the compiler's modules (interrupts.py: C++ initialisation)
@@ -191,6 +192,7 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
         "dtype": dtype,
         "weight_format": WEIGHT_FORMAT,
         "max_context": max_context,
+        "prefill_chunk": prefill_chunk_limit(kv_cache_geometry(module)),
         "moe": moe,
         "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import meta_model, resolve_model
 from .errors import PassCheckError
 from .memory import DTYPE_BYTES
-from .model_config import active_param_count, moe_layers, param_count
+from .model_config import active_param_count, context_limit, moe_layers, param_count
 
 
 def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def inspect_graph(model: str, max_context: int = 4096, probe_tokens: int = 5) ->
     from .args import max_context as checked_context
 
     source = resolve_model(model)
-    limit = source.config.get("max_position_embeddings", max_context)
+    limit = context_limit(source.config)
     max_context = checked_context(min(max_context, limit) if isinstance(max_context, int) else max_context, limit)
     config, reference = meta_model(source)
     program = export_model(reference, max_context)

@@ -57,25 +57,112 @@ def validate_config_dict(cfg: dict[str, Any], source: str) -> None:
         )
     if (hidden // heads) % 2:
         raise ConfigError(f"{source}: head dimension {hidden // heads} is odd; RoPE needs an even one.")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Qwen2 uses 'silu').")
-    if cfg.get("use_sliding_window"):
-        raise ConfigError(
-            f"{source}: use_sliding_window=true is not supported yet; the fused attention is full causal "
-            "attention. Set it to false (Qwen2's published checkpoints do)."
-        )
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(
-            f"{source}: rope_parameters.rope_type {rope_type!r} is not supported; qwen2c fuses default RoPE only."
-        )
+    _validate_activation(cfg, source)
+    _validate_sliding_window(cfg, source)
+    _validate_rope(cfg, source)
     eps = cfg.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ConfigError(f"{source}: rms_norm_eps must be a positive number, got {eps!r}.")
     if model_type == "qwen2_moe":
         _validate_moe(cfg, source)
+
+
+# RoPE types whose inverse frequencies transformers computes once, at model creation: the traced
+# ``inv_freq`` buffer is then exactly what every position uses, and the engine's cache applies it.
+STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "proportional")
+# RoPE types whose frequencies transformers picks per forward call from that call's length.
+_PER_CALL_ROPE = {
+    "dynamic": "dynamic NTK scaling recomputes the frequencies from the length of each forward call, and "
+               "transformers' rotary module keeps the longest length it has seen across sequences "
+               "(max_seq_len_cached), so its result depends on the history of calls; torch.export cannot trace it "
+               "either (a data-dependent branch on the sequence length)",
+    "longrope": "LongRoPE picks its short or long frequency factors per forward call, by that call's length "
+                "(so its result also depends on how a sequence is split into calls); qwen2c's RoPE kernel applies "
+                "one frequency table and does not implement that choice",
+}
+
+
+def _validate_activation(cfg: dict[str, Any], source: str) -> None:
+    """Any activation transformers knows: the traced op is what gets compiled (an op the backend
+    cannot lower is refused then, named)."""
+    from transformers.activations import ACT2FN
+
+    act = cfg.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise ConfigError(
+            f"{source}: hidden_act {act!r} is not an activation transformers knows "
+            f"(e.g. silu, gelu, gelu_pytorch_tanh, relu)."
+        )
+
+
+def _validate_sliding_window(cfg: dict[str, Any], source: str) -> None:
+    use = cfg.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise ConfigError(f"{source}: field 'use_sliding_window' must be true or false, got {use!r}.")
+    layers = cfg["num_hidden_layers"]
+    kinds = cfg.get("layer_types")
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != layers
+                              or not all(k in ("full_attention", "sliding_attention") for k in kinds)):
+        raise ConfigError(
+            f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' for each of the "
+            f"{layers} layers, got {kinds!r}."
+        )
+    if not use:
+        if kinds and "sliding_attention" in kinds:
+            raise ConfigError(f"{source}: field 'layer_types' has sliding_attention layers but use_sliding_window is "
+                              "false (transformers then has no window to slide).")
+        return
+    _require_positive_int(cfg, "sliding_window", source, "with use_sliding_window, field")
+    step = cfg.get("max_window_layers", 28)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"{source}: field 'max_window_layers' must be a non-negative integer, got {step!r}.")
+
+
+def _validate_rope(cfg: dict[str, Any], source: str) -> None:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{source}: field {field!r} must be an object, got {rope!r}.")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in _PER_CALL_ROPE:
+        raise ConfigError(
+            f"{source}: {field}.rope_type {rope_type!r} is refused: {_PER_CALL_ROPE[rope_type]}. "
+            "Supported: " + ", ".join(STATIC_ROPE_TYPES) + "."
+        )
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: {field}.rope_type {rope_type!r} is not a RoPE type transformers implements for Qwen2 "
+            "(supported here: " + ", ".join(STATIC_ROPE_TYPES) + ")."
+        )
+    partial = rope.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ConfigError(
+            f"{source}: {field}.partial_rotary_factor {partial!r} is refused: Qwen2 rotates the whole head "
+            "(transformers' Qwen2 attention cannot apply a partial rotary table either)."
+        )
+    if rope_type != "default":
+        factor = rope.get("factor")
+        if rope_type != "proportional" and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
+                                            or factor <= 0):
+            raise ConfigError(f"{source}: {field}.factor must be a positive number for rope_type "
+                              f"{rope_type!r}, got {factor!r}.")
+        # Absent, transformers takes max_position_embeddings (or the config's own field) instead.
+        original = rope.get("original_max_position_embeddings")
+        if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
+            raise ConfigError(f"{source}: {field}.original_max_position_embeddings must be a positive integer, "
+                              f"got {original!r}.")
+
+
+def context_limit(cfg: dict[str, Any]) -> int:
+    """The longest context a config allows: max_position_embeddings, or what its RoPE scaling extends
+    the original context to (Qwen2's instructions add YaRN with factor 4 over 32768 positions while
+    max_position_embeddings stays 32768)."""
+    limit = cfg.get("max_position_embeddings", 4096)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    factor, original = rope.get("factor"), rope.get("original_max_position_embeddings")
+    if isinstance(factor, (int, float)) and factor > 1:
+        limit = max(limit, int(factor * (original or limit)))
+    return limit
 
 
 def _require_positive_int(cfg: dict[str, Any], field: str, source: str, kind: str) -> None:
@@ -119,9 +206,14 @@ def moe_layers(config: Any) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if i not in only and (i + 1) % step == 0]
 
 
-def rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+def sliding_window(config: Any, layer: int) -> int:
+    """The window of ``layer``'s attention (keys within this many positions, its own included), or 0
+    for full attention; as transformers decides (``layer_types``, from max_window_layers)."""
+    kinds = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    if layer < len(kinds) and kinds[layer] == "sliding_attention" and window:
+        return int(window)
+    return 0
 
 
 def head_dim(config: Any) -> int:

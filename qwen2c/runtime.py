@@ -85,6 +85,7 @@ class Engine:
             return TvmProgram(
                 self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context,
                 check_fingerprint=self._check_fingerprint,
+                prefill_chunk=self.manifest.get("prefill_chunk"),
             )
         except Qwen2cError:  # no device or device runtime here: already says what is missing
             raise
@@ -192,7 +193,7 @@ class Session:
     def routing(self) -> list[np.ndarray]:
         """MoE engines: for each sparse layer (``engine.moe_layers``), the experts the tokens of the
         last prefill/decode call were routed to, [tokens, top_k], highest weight first. Dense: []."""
-        return [r.numpy() for r in self._routing]
+        return [np.concatenate([chunk.numpy() for chunk in r]) for r in self._routing]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; return the logits for the next."""

@@ -5,7 +5,8 @@ One step of a sparse block on ``tokens`` tokens, ``k`` experts each (``slots = t
     route    logits[t, E]          -> weights[t, k], experts[t, k]   softmax, top-k, optional renorm
     group    experts[slots]        -> rows[slots], slot_of[slots], offsets[E + 1]
              a stable counting sort: the slots of expert e are rows[offsets[e]:offsets[e + 1]]
-    swiglu   x[t, H], gate_up[E, 2I, H]  -> h[slots, I]    h = silu(x W_gate^T) * (x W_up^T), per expert
+    swiglu   x[t, H], gate_up[E, 2I, H]  -> h[slots, I]    h = act(x W_gate^T) * (x W_up^T), per expert
+             (act: silu for Qwen2's SwiGLU, or the model's gelu / gelu_tanh / relu)
     down     h[slots, I], down[E, H, I]  -> y[slots, H]
     combine  y, slot_of, weights   -> out[t, H]             out[t] = sum_j weights[t, j] * y[slot_of[t, j]]
 
@@ -24,6 +25,7 @@ import math
 
 from tvm.script import tirx as T
 
+from .activations import gated
 from .cpu_matmul import TILE_COLS
 
 # _ROOT_BLOCK: kernels with a single tensor input are written inside a root block, because Relax's
@@ -146,15 +148,17 @@ def group_kernel(experts: int):
 
 
 def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vector: int, tile_rows: int,
-                          col_block: int = 16, dtype: str = "float32"):
+                          col_block: int = 16, dtype: str = "float32", act: int = 0):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]``.
 
-    Row p of h is expert e's SwiGLU of token rows[p] // k, for offsets[e] <= p < offsets[e + 1].
+    Row p of h is expert e's gated MLP ``act(gate) * up`` (``act`` indexes
+    ``activations.GATED_ACTIVATIONS``; 0, silu, is SwiGLU) of token rows[p] // k, for
+    offsets[e] <= p < offsets[e + 1].
     Gate and up rows of a column tile are accumulated together, so h is written once. x and the
     weights are in ``dtype``; h is float32.
     """
     return _grouped_kernel(experts, hidden, inter, vector, tile_rows, col_block, gather_top_k=top_k, swiglu=True,
-                           x_dtype=dtype, w_dtype=dtype)
+                           x_dtype=dtype, w_dtype=dtype, act=act)
 
 
 def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = 16,
@@ -166,7 +170,7 @@ def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile
 
 
 def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows: int, col_block: int,
-                    gather_top_k: int | None, swiglu: bool, x_dtype: str, w_dtype: str):
+                    gather_top_k: int | None, swiglu: bool, x_dtype: str, w_dtype: str, act: int = 0):
     """One grouped NT matmul: out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e.
 
     Tiles are TI rows x TJ columns of vector accumulators along the reduction (TI * TJ, twice that
@@ -221,7 +225,7 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
                     if swiglu:
                         sums[1] = sums[1] + acc_up[ii, jj, v]
                 if swiglu:
-                    out[first + ii, jo * TJ + jj] = sums[0] / (T.float32(1) + T.exp(T.float32(0) - sums[0])) * sums[1]
+                    out[first + ii, jo * TJ + jj] = gated(act, sums[0], sums[1])
                 else:
                     out[first + ii, jo * TJ + jj] = sums[0]
 

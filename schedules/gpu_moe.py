@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .activations import gated
+
 WARP = 32
 COLS = 4  # output columns (warps) per block of the grouped matmuls
 ROWS = 4  # rows per pass over a weight row
@@ -148,9 +150,11 @@ def group_kernel(experts: int, max_threads: int = 1024):
     return moe_group
 
 
-def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, dtype: str = "float32"):
-    """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]`` (h in float32)."""
-    return _grouped_kernel(experts, hidden, inter, gather_top_k=top_k, swiglu=True, x_dtype=dtype, w_dtype=dtype)
+def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, dtype: str = "float32", act: int = 0):
+    """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]`` (h in float32):
+    ``act(gate) * up``, ``act`` indexing ``activations.GATED_ACTIVATIONS`` (0, silu: SwiGLU)."""
+    return _grouped_kernel(experts, hidden, inter, gather_top_k=top_k, swiglu=True, x_dtype=dtype, w_dtype=dtype,
+                           act=act)
 
 
 def grouped_down_kernel(experts: int, hidden: int, inter: int, dtype: str = "float32"):
@@ -159,7 +163,7 @@ def grouped_down_kernel(experts: int, hidden: int, inter: int, dtype: str = "flo
 
 
 def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | None, swiglu: bool,
-                    x_dtype: str, w_dtype: str):
+                    x_dtype: str, w_dtype: str, act: int = 0):
     """out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e (SwiGLU of gate and up rows)."""
     gather = gather_top_k is not None
     E, KD, N = (T.int64(v) for v in (experts, k_dim, n_out))
@@ -219,8 +223,7 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | No
                                         acc[0, 0] = acc[0, 0] + red[ty, lane, 0, q]
                                         acc[0, 1] = acc[0, 1] + red[ty, lane, 1, q]
                                     if swiglu:
-                                        out[start + ro * R + lane, j] = acc[0, 0] / (
-                                            T.float32(1) + T.exp(T.float32(0) - acc[0, 0])) * acc[0, 1]
+                                        out[start + ro * R + lane, j] = gated(act, acc[0, 0], acc[0, 1])
                                     else:
                                         out[start + ro * R + lane, j] = acc[0, 0]
                             T.tvm_storage_sync("shared")

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import tvm
 
-from qwen2c.schedules.cpu_attention import CACHE_PAGE_SIZE, paged_prefill_kernel, ragged_prefill_kernel
+from qwen2c.schedules.cpu_attention import (
+    CACHE_PAGE_SIZE,
+    paged_prefill_kernel,
+    paged_prefill_sliding_kernel,
+    ragged_prefill_kernel,
+)
 from qwen2c.targets.registry import TARGETS
 
 TARGET = TARGETS.resolve("llvm")
@@ -87,3 +92,38 @@ def test_paged_prefill_of_a_sequence_without_pages_is_empty():
         tvm.runtime.tensor(np.ones((1, 2, 2, CACHE_PAGE_SIZE, 16), np.float32)), i32([0, 0]), i32([0]), i32([0]),
         i32([0]), i32([0, 1]), out, lse, 1, 0, 1.0, 1e6, 0.25)
     assert (out.numpy() == 0).all() and (lse.numpy() == -5e4).all()
+
+
+@pytest.mark.parametrize("n, cached, window, causal", [(4, 37, 8, 1), (8, 5, 8, 1), (3, 20, 20, 1), (1, 40, 6, 0)])
+def test_sliding_window_paged_prefill_matches_numpy(n, cached, window, causal):
+    """A sliding layer's pages as the cache lists them: the window's pages only, its first key at an
+    offset in the first page; query i of the chunk sees the last window - 1 - i cached keys."""
+    hkv, hq, d, page = 2, 4, 16, CACHE_PAGE_SIZE
+    rng = np.random.default_rng(cached + window)
+    q = rng.standard_normal((n, hq, d), dtype=np.float32)
+    k = rng.standard_normal((cached, hkv, d), dtype=np.float32)
+    v = rng.standard_normal((cached, hkv, d), dtype=np.float32)
+    length = min(cached, window)  # the keys in the window's pages
+    offset = (cached - window) % page if cached > window else 0
+    used = -(-(offset + length) // page)
+    order = rng.permutation(used + 3)[:used]
+    pages = rng.standard_normal((used + 3, 2, hkv, page, d), dtype=np.float32)
+    for j in range(length):
+        slot = offset + j
+        pages[order[slot // page], 0, :, slot % page] = k[cached - length + j]
+        pages[order[slot // page], 1, :, slot % page] = v[cached - length + j]
+    info = np.array([[(offset + length - 1) % page + 1], [offset], [0]], np.int32)
+    out, lse = tvm.runtime.tensor(np.zeros((n, hq, d), np.float32)), tvm.runtime.tensor(np.zeros((n, hq), np.float32))
+    i32 = lambda a: tvm.runtime.tensor(np.array(a, np.int32))  # noqa: E731
+    _compile(paged_prefill_sliding_kernel(hkv, hq, d, LANES, page, window))(
+        tvm.runtime.tensor(q), i32([0, n]), tvm.runtime.tensor(pages), i32([0, used]), i32(order),
+        tvm.runtime.tensor(info), i32([0]), i32(np.arange(n)), out, lse, causal, 0, 1.0, 1e6, 0.25)
+    want, want_lse = np.zeros_like(q), np.full((n, hq), -5e4, np.float32)
+    for i in range(n):
+        first = max(cached - (window - 1 - i), 0) if causal else cached - length
+        if first >= cached:
+            continue
+        w, wl = _reference(q[i:i + 1], k[first:], v[first:], 0, 0.25)
+        want[i], want_lse[i] = w[0], wl[0]
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-5, atol=1e-4)

@@ -178,3 +178,44 @@ def test_gpu_kernels_keep_their_scratch_per_thread_or_per_block(name, make):
     script = func.script()
     arguments = set(re.findall(r"(\w+) = T\.match_buffer", script)) | set(re.findall(r"(\w+): T\.Buffer", script))
     assert pointers <= arguments, f"{name}: scratch passed as global buffers: {sorted(pointers - arguments)}"
+
+
+def test_cuda_builds_a_moe_with_yarn_sliding_windows_and_gelu(tmp_path):
+    """The configurations of test_model_variants.py build for CUDA too: qwen2c's RoPE kernel and
+    TVM's sliding-window attention kernels are in the fatbin; every kernel was scheduled."""
+    ckpt = write_moe_checkpoint(tmp_path / "moe", dtype="bfloat16", hidden_act="gelu_pytorch_tanh",
+                                rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                                max_position_embeddings=64, use_sliding_window=True, sliding_window=8,
+                                max_window_layers=3)
+    manifest = qwen2c.build(str(ckpt), "cuda", tmp_path / "engine", max_context=96)
+    assert manifest["prefill_chunk"] == 8 and manifest["parity"] == "not run (no cuda device)"
+    library = (tmp_path / "engine" / "model.so").read_bytes()
+    for kernel in (b"fused_rope_kernel", b"batch_prefill_paged_kv_sliding_window_kernel",
+                   b"batch_decode_paged_kv_sliding_window_kernel", b"moe_grouped_swiglu_kernel"):
+        assert kernel in library
+
+
+def test_the_cuda_rope_kernel_uses_accurate_cos_and_sin():
+    """Angles reach position x frequency (hundreds of thousands of radians with YaRN's contexts):
+    CUDA's fast __cosf/__sinf lose them, cosf/sinf do not."""
+    from tvm.s_tir import dlight as dl
+
+    from qwen2c.schedules.rope import split_rotary_kernel
+    from qwen2c.targets.tvm.device_code import device_codegen
+
+    spec = TARGETS.resolve("cuda")
+    mod = tvm.IRModule({"main": split_rotary_kernel(4, 2, 16, "bfloat16").with_attr("global_symbol", "main")})
+    with spec.tvm_target():
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    with device_codegen(spec):
+        source = tvm.compile(mod, target=spec.tvm_target()).mod.imports[0].inspect_source("cuda")
+    assert "cosf(" in source and "sinf(" in source
+    assert "__cosf" not in source and "__sinf" not in source
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_cuda_builds_dense_models_with_other_activations_and_linear_rope(tmp_path, act):
+    ckpt = write_checkpoint(tmp_path / "ckpt", dtype="bfloat16", hidden_act=act,
+                            rope_scaling={"rope_type": "linear", "factor": 2.0})
+    manifest = qwen2c.build(str(ckpt), "cuda", tmp_path / "engine", max_context=64)
+    assert manifest["device_code"]["arches"] == ["sm_90"]

@@ -17,6 +17,7 @@ import pytest
 import tvm
 
 from qwen2c.schedules import gpu_moe, gpu_norm
+from qwen2c.schedules.activations import activation_index
 from qwen2c.targets.registry import TARGETS
 
 HARNESS = Path(__file__).parent / "gpu_emulation" / "harness.cpp"
@@ -45,14 +46,16 @@ def _as_cpp(name: str, source: str) -> str:
     # experts, top_k, hidden, moe_intermediate, group threads, tokens, norm_topk_prob
     dict(E=6, K=3, H=100, I=30, MT=4, T=7, norm=True),  # nothing divides a block; experts > group threads
     dict(E=64, K=8, H=128, I=64, MT=1024, T=70, norm=False),  # qwen2-moe-tiny's routing; two route blocks
-], ids=["odd-sizes", "64x8"])
+    dict(E=6, K=3, H=100, I=30, MT=4, T=7, norm=True, act="gelu_tanh"),  # a model with hidden_act gelu_pytorch_tanh
+], ids=["odd-sizes", "64x8", "gelu-tanh"])
 def kernels(request, tmp_path_factory):
     c = request.param
     funcs = {
         "route": gpu_moe.route_kernel(c["E"], c["K"], c["norm"], "float32"),
         "dense": gpu_moe.dense_route_kernel(c["E"], c["K"]),
         "group": gpu_moe.group_kernel(c["E"], c["MT"]),
-        "swiglu": gpu_moe.grouped_swiglu_kernel(c["E"], c["H"], c["I"], c["K"], dtype="float32"),
+        "swiglu": gpu_moe.grouped_swiglu_kernel(c["E"], c["H"], c["I"], c["K"], dtype="float32",
+                                                act=activation_index(c.get("act", "silu"))),
         "down": gpu_moe.grouped_down_kernel(c["E"], c["H"], c["I"], dtype="float32"),
         "combine": gpu_moe.combine_kernel(c["H"], c["K"], "float32"),
         "norm": gpu_norm.rms_norm_kernel(c["H"], 1e-6, "float32"),
@@ -111,7 +114,10 @@ def test_group_is_a_stable_counting_sort(kernels):
 
 
 def test_the_moe_block_matches_its_definition(kernels):
-    """route -> group -> grouped SwiGLU -> grouped down -> combine, against fused_moe's definition."""
+    """route -> group -> grouped gated MLP -> grouped down -> combine, against fused_moe's definition."""
+    import torch
+
+    from qwen2c.graphs.ops import activation
     c, lib = kernels
     E, K, H, I, T = c["E"], c["K"], c["H"], c["I"], c["T"]
     rng = np.random.default_rng(2)
@@ -134,7 +140,8 @@ def test_the_moe_block_matches_its_definition(kernels):
         for j in range(K):
             e = chosen[t, j]
             gate, up = gate_up[e, :I] @ x[t], gate_up[e, I:] @ x[t]
-            expected[t] += weights[t, j] * (down[e] @ (gate / (1 + np.exp(-gate)) * up))
+            act = activation(c.get("act", "silu"), torch.from_numpy(gate).double()).numpy()
+            expected[t] += weights[t, j] * (down[e] @ (act * up))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 

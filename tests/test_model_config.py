@@ -17,9 +17,22 @@ from qwen2c.presets import PRESETS
         ({"vocab_size": "512"}, "vocab_size"),
         ({"hidden_size": 66}, "num_attention_heads"),  # 66 % 4
         ({"num_key_value_heads": 3}, "num_key_value_heads"),  # 4 % 3
-        ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"use_sliding_window": True}, "use_sliding_window"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"hidden_act": 3}, "hidden_act"),
+        ({"use_sliding_window": "yes"}, "use_sliding_window"),
+        ({"use_sliding_window": True, "sliding_window": 0}, "sliding_window"),
+        ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": -1}, "max_window_layers"),
+        ({"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention"]}, "layer_types"),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types.*use_sliding_window"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": "32K"}},
+         "original_max_position_embeddings"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is refused: dynamic NTK"),
+        ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                           "original_max_position_embeddings": 32}}, "rope_type 'longrope' is refused"),
+        ({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}}, "rope_type 'ntk-by-parts'"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor"),
         ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
     ],
 )
@@ -31,8 +44,27 @@ def test_invalid_configs_name_the_field(overrides, field):
         validate_config_dict(cfg, "config.json")
 
 
-def test_valid_config_passes():
-    validate_config_dict(small_config(), "config.json")
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"hidden_act": "gelu"}, {"hidden_act": "gelu_pytorch_tanh"}, {"hidden_act": "relu"},
+    {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    {"rope_scaling": {"type": "yarn", "factor": 4.0}},  # transformers takes max_position_embeddings
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}},
+])
+def test_valid_configs_pass(overrides):
+    validate_config_dict(small_config(**overrides), "config.json")
+
+
+def test_context_limit_follows_rope_scaling():
+    from qwen2c.model_config import context_limit
+
+    # What Qwen2's instructions add for contexts past 32K: max_position_embeddings stays 32768.
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert context_limit(small_config(max_position_embeddings=32768, rope_scaling=yarn)) == 131072
+    assert context_limit(small_config(max_position_embeddings=256)) == 256
 
 
 @pytest.mark.parametrize("name, billions", [("qwen2-0.5b", 0.494), ("qwen2-1.5b", 1.544), ("qwen2-7b", 7.616), ("qwen2-72b", 72.71)])

@@ -104,8 +104,9 @@ def test_57b_graph_is_exported_and_fused_at_full_size_on_meta_tensors():
 
 
 @pytest.mark.parametrize("experts, k, norm", [(8, 2, False), (8, 2, True), (4, 1, False), (6, 4, True)])
-def test_fused_moe_reference_matches_the_transformers_block(experts, k, norm):
-    config, model = _model(num_experts=experts, num_experts_per_tok=k, norm_topk_prob=norm)
+@pytest.mark.parametrize("act, name", [("silu", "silu"), ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_fused_moe_reference_matches_the_transformers_block(experts, k, norm, act, name):
+    config, model = _model(num_experts=experts, num_experts_per_tok=k, norm_topk_prob=norm, hidden_act=act)
     block = model.model.layers[0].mlp
     x = torch.randn(1, 9, config.hidden_size)
     with torch.no_grad():
@@ -114,7 +115,7 @@ def test_fused_moe_reference_matches_the_transformers_block(experts, k, norm):
         got, got_experts = torch.ops.qwen2c.fused_moe(
             x[0], block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj,
             block.shared_expert.gate_proj.weight, block.shared_expert.up_proj.weight,
-            block.shared_expert.down_proj.weight, block.shared_expert_gate.weight, k, norm)
+            block.shared_expert.down_proj.weight, block.shared_expert_gate.weight, k, norm, name)
     torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(got_experts, want_experts)
 
@@ -152,10 +153,28 @@ def test_fuse_moe_replaces_each_sparse_block_and_keeps_the_numbers(overrides, fu
 def test_fuse_moe_refuses_a_block_it_does_not_recognise():
     config, model = _model()
     for layer in model.model.layers:
-        layer.mlp.experts.act_fn = torch.nn.GELU()  # not the SwiGLU the fused op computes
+        layer.mlp.experts.act_fn = torch.nn.Tanh()  # not an activation the fused op computes
     program = export_model(model, 64)
-    with pytest.raises(UnsupportedModelError, match=r"layer\(s\) \[0, 1, 2\].*aten\.gelu"):
+    with pytest.raises(UnsupportedModelError, match=r"layer\(s\) \[0, 1, 2\].*aten\.tanh"):
         run_passes(program, config, "float32")
+
+
+def test_fuse_moe_refuses_experts_whose_activation_differs_from_the_shared_experts():
+    config, model = _model()
+    for layer in model.model.layers:
+        layer.mlp.experts.act_fn = torch.nn.GELU()  # the shared expert keeps silu
+    program = export_model(model, 64)
+    with pytest.raises(UnsupportedModelError, match="activation gelu differs from the shared expert's silu"):
+        run_passes(program, config, "float32")
+
+
+@pytest.mark.parametrize("act, name", [("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"), ("relu", "relu")])
+def test_fuse_moe_carries_the_traced_activation(act, name):
+    config, model = _model(hidden_act=act)
+    program = export_model(model, 64)
+    run_passes(program, config, "float32")  # checked numerically against the traced program
+    acts = {n.args[10] for n in program.graph.nodes if n.target == torch.ops.qwen2c.fused_moe.default}
+    assert acts == {name}
 
 
 def test_fuse_moe_refuses_a_graph_that_contradicts_the_config():

@@ -38,7 +38,7 @@ def test_fuse_attention_replaces_sdpa_rope_and_mask(heads, kv_heads):
     # RoPE tables and the causal-mask plumbing are gone with it.
     for dead in (aten.cos.default, aten.sin.default, aten.cumsum.default, aten.neg.default):
         assert _count(program, dead) == 0
-    layers = [n.args[3] for n in program.graph.nodes if n.target == torch.ops.qwen2c.fused_attention.default]
+    layers = [n.args[4] for n in program.graph.nodes if n.target == torch.ops.qwen2c.fused_attention.default]
     assert layers == [0, 1]
 
 
@@ -109,12 +109,55 @@ def test_fuse_rms_norm_leaves_other_norms_alone():
     assert _count(program, aten.rsqrt.default) == 1
 
 
-def test_scaled_rope_is_refused_with_reason():
-    """A model whose inv_freq is not default RoPE of its theta (e.g. linear scaling) must not fuse."""
-    config, model = _model()
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("rope", [
+    YARN,
+    {"rope_type": "linear", "factor": 3.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+], ids=["yarn", "linear", "llama3"])
+def test_scaled_rope_fuses_with_transformers_frequencies_and_scaling(rope):
+    config, model = _model(rope_scaling=rope)
+    program = export_model(model, 64)
+    reports = run_passes(program, config, "float32")
+    assert reports[0].fired == 2 and not reports[0].misses
+    rotary = model.model.rotary_emb
+    for n in program.graph.nodes:
+        if n.target == torch.ops.qwen2c.fused_attention.default:
+            inv_freq = PassContext(config, program).placeholder_tensor(n.args[3])
+            assert torch.equal(inv_freq, rotary.inv_freq)
+            assert n.args[5] == rotary.attention_scaling
+    if rope["rope_type"] == "yarn":
+        assert rotary.attention_scaling > 1  # YaRN's mscale: cos and sin are scaled
+    # Past the original context, where the scaling matters.
+    ids = torch.randint(0, config.vocab_size, (1, 40))
     with torch.no_grad():
-        model.model.rotary_emb.inv_freq.mul_(0.5)
+        torch.testing.assert_close(program.module()(ids), model(ids).logits[:, -1:], atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_layers_get_their_window():
+    config, model = _model(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=3)
+    assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    program = export_model(model, 64)
+    run_passes(program, config, "float32")
+    windows = [n.args[7] for n in program.graph.nodes if n.target == torch.ops.qwen2c.fused_attention.default]
+    assert windows == [0, 5, 5]
+    ids = torch.randint(0, config.vocab_size, (1, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(ids), model(ids).logits[:, -1:], atol=1e-5, rtol=1e-4)
+        # The window matters at this length: without it the logits differ.
+        config.layer_types = ["full_attention"] * 3
+        full = model(ids, use_cache=False).logits[:, -1:]
+    assert not torch.allclose(program.module()(ids), full, atol=1e-4)
+
+
+def test_rope_scaled_by_something_else_than_a_constant_is_refused():
+    """cos/sin multiplied by a tensor (not transformers' attention_scaling constant): not fused."""
+    config, model = _model()
+    model.model.rotary_emb.attention_scaling = torch.tensor(1.5)
     program = export_model(model, 64)
     report = FuseAttention()(PassContext(config, program))
     assert report.fired == 0
-    assert all("inv_freq" in m.reason for m in report.misses)
+    assert all("not scaled by a constant" in m.reason for m in report.misses)

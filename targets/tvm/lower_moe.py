@@ -1,7 +1,7 @@
 """Lower ``qwen2c::fused_moe`` to Relax as a sequence of named kernels, for any device kind.
 
-Route (softmax, top-k, renormalisation) -> group the (token, slot) pairs by expert -> one SwiGLU
-and one down projection per routed expert -> combine in the router's order. The router and the
+Route (softmax, top-k, renormalisation) -> group the (token, slot) pairs by expert -> one gated
+activation (the model's: SwiGLU for silu) and one down projection per routed expert -> combine in the router's order. The router and the
 shared expert are ordinary linear layers. The second result is the routing, as int64
 [tokens, top_k], which the engine returns.
 
@@ -17,13 +17,18 @@ from __future__ import annotations
 from torch import fx
 from tvm import relax
 
+from qwen2c.schedules.activations import activation_index
+
 from .pipelines.dispatch_kernels import kernel_call
 
 MOE_DISPATCHES = ("sparse", "dense")
+# The shared expert's activation, as the Relax op of each ``graphs/ops.ACTIVATIONS`` name.
+_ACTIVATIONS = {"silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu, "gelu_tanh": relax.op.nn.gelu_tanh,
+                "relu": relax.op.nn.relu}
 
 
 def lower_moe(node: fx.Node, importer, linear, moe_dispatch: str):
-    """``fused_moe`` -> route, group by expert, grouped SwiGLU, grouped down, combine, + shared expert.
+    """``fused_moe`` -> route, group by expert, grouped gated MLP, grouped down, combine, + shared expert.
 
     ``linear(x, W)`` emits a linear layer as every other one in the module is emitted.
     """
@@ -31,7 +36,7 @@ def lower_moe(node: fx.Node, importer, linear, moe_dispatch: str):
     x, router, gate_up, down, shared_gate, shared_up, shared_down, shared_expert_gate = (
         importer.env[a] for a in node.args[:8]
     )
-    top_k, norm_topk_prob = int(node.args[8]), bool(node.args[9])
+    top_k, norm_topk_prob, act = int(node.args[8]), bool(node.args[9]), node.args[10]
     tokens, hidden = x.ty.shape
     dtype = x.ty.dtype
     experts, inter = int(router.ty.shape[0]), int(down.ty.shape[2])
@@ -53,12 +58,13 @@ def lower_moe(node: fx.Node, importer, linear, moe_dispatch: str):
     flat = bb.emit(relax.op.reshape(routed_experts, (slots,)))
     rows, slot_of, offsets = items(kernel_call(
         bb, "moe_group", [flat], [], [((slots,), i32), ((slots,), i32), ((experts + 1,), i32)]), 3)
-    h = kernel_call(bb, "moe_grouped_swiglu", [x, gate_up, rows, offsets], [per_token], [((slots, inter), f32)])
+    h = kernel_call(bb, "moe_grouped_swiglu", [x, gate_up, rows, offsets], [per_token, activation_index(act)],
+                    [((slots, inter), f32)])
     y = kernel_call(bb, "moe_grouped_down", [h, down, rows, offsets], [], [((slots, hidden), f32)])
     routed = kernel_call(bb, "moe_combine", [y, slot_of, routed_weights], [], [((tokens, hidden), dtype)])
 
-    act = bb.emit(relax.op.multiply(bb.emit(relax.op.nn.silu(linear(x3, shared_gate))), linear(x3, shared_up)))
+    gated = bb.emit(relax.op.multiply(bb.emit(_ACTIVATIONS[act](linear(x3, shared_gate))), linear(x3, shared_up)))
     shared = bb.emit(relax.op.multiply(bb.emit(relax.op.sigmoid(linear(x3, shared_expert_gate))),
-                                       linear(act, shared_down)))
+                                       linear(gated, shared_down)))
     out = bb.emit(relax.op.add(routed, bb.emit(relax.op.reshape(shared, (tokens, hidden)))))
     return (out, bb.emit(relax.op.astype(chosen, "int64")))

@@ -5,7 +5,9 @@ device kind (``pipelines/``).
 
 ``fused_attention`` becomes a call into the KV cache that the engine owns: the cache applies RoPE
 at each token's position, appends k/v to its pages, and attends over everything the sequence has
-seen. One traced graph therefore serves prefill (seq = prompt length) and decode (seq = 1).
+seen (a sliding layer: over its window). One traced graph therefore serves prefill (seq = prompt
+length) and decode (seq = 1). The op's RoPE tables and windows are the cache's, made when it is
+created (``relax_module.py`` records them, ``pipelines/add_kv_cache_creation.py`` builds it).
 
 ``fused_rms_norm`` becomes the abstract kernel "rms_norm" (float32 sums whatever the dtype, as
 transformers' Qwen2RMSNorm does; one kernel, so half-precision inputs need no cast kernels).
@@ -44,7 +46,8 @@ def convert_map(kv_cache: relax.Var, moe_dispatch: str = "sparse") -> ConvertMap
     def attention(node: fx.Node, importer) -> relax.Var:
         bb = importer.block_builder
         q, k, v = (importer.env[a] for a in node.args[:3])
-        layer, _theta, scale = node.args[3:6]  # theta is baked into the cache at creation
+        # RoPE (args 3, 5) and the window (arg 7) are the cache's, set at its creation.
+        layer, scale = node.args[4], node.args[6]
         batch, seq, q_heads, head_dim = q.ty.shape
         kv_heads = k.ty.shape[2]
         qkv = bb.emit(relax.op.concat([q, k, v], axis=2))

@@ -13,12 +13,15 @@ chosen experts per token ([n, top_k] int64), as the traced program does.
 
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 from tvm.relax.utils import copy_with_new_vars
 
-from qwen2c.model_config import head_dim, rope_theta
+from qwen2c.errors import UnsupportedModelError
+from qwen2c.model_config import head_dim
 
 from .bounded_embedding import CONVERTERS as BOUNDED_EMBEDDING
 from .lower_ops import convert_map
@@ -47,8 +50,18 @@ class _Importer(ExportedProgramImporter):
 
 def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse") -> tvm.IRModule:
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
-    mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
-        program, True, True, False, {**convert_map(kv_cache, moe_dispatch), **BOUNDED_EMBEDDING})
+    try:
+        mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
+            program, True, True, False, {**convert_map(kv_cache, moe_dispatch), **BOUNDED_EMBEDDING})
+    except AssertionError as e:  # TVM's importer asserts it has a converter for every op
+        found = re.search(r"Unsupported function types \[(.*)\]", str(e))
+        if found is None:
+            raise
+        ops = ", ".join("aten." + name.strip(" '").removesuffix(".default") for name in found.group(1).split(","))
+        raise UnsupportedModelError(
+            f"the traced model uses {ops}, which the TVM backend cannot lower (TVM's PyTorch importer has no "
+            "converter for it); no engine was built. This usually comes from the model's hidden_act."
+        ) from None
     main = mod["main"]
     input_ids, *weights = main.params
     seq = input_ids.ty.shape[1]
@@ -64,6 +77,26 @@ def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse"
         decode = relax.transform.BindSymbolicVars({seq: 1})(tvm.IRModule({"decode": decode}))["decode"]
     out["decode"] = decode
     geometry = {"layers": config.num_hidden_layers, "q_heads": config.num_attention_heads,
-                "kv_heads": config.num_key_value_heads, "head_dim": head_dim(config),
-                "rope_theta": rope_theta(config), "dtype": dtype}
+                "kv_heads": config.num_key_value_heads, "head_dim": head_dim(config), "dtype": dtype,
+                **attention_geometry(program)}
     return out.with_attr(KV_CACHE_ATTR, geometry)
+
+
+def attention_geometry(program) -> dict:
+    """What the KV cache must know of the fused attention ops: their RoPE (inv_freq as float32
+    values, and the cos/sin scaling) and each layer's sliding window (0: full attention)."""
+    import torch
+
+    fused = [n for n in program.graph.nodes if n.target is torch.ops.qwen2c.fused_attention.default]
+    fused.sort(key=lambda n: n.args[4])
+    tensors = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs}
+    tables = set()
+    for n in fused:
+        name = tensors[n.args[3].name]
+        inv_freq = program.state_dict[name] if name in program.state_dict else program.constants[name]
+        tables.add((tuple(inv_freq.to(torch.float32).tolist()), float(n.args[5])))
+    # transformers' Qwen2 has one rotary embedding for all layers.
+    assert len(tables) == 1, f"layers use {len(tables)} different RoPE tables"
+    (inv_freq, scaling), = tables
+    return {"rope_inv_freq": list(inv_freq), "rope_scaling": scaling,
+            "sliding_windows": [int(n.args[7]) for n in fused]}

@@ -123,7 +123,7 @@ class TvmProgram:
     """
 
     def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int,
-                 check_fingerprint=None):
+                 check_fingerprint=None, prefill_chunk: int | None = None):
         self.device = open_device(device)
         self.library = tvm.runtime.load_module(str(library))
         self.vm = VirtualMachine(self.library, self.device)
@@ -137,6 +137,9 @@ class TvmProgram:
             # are concatenated here, once, on the device; the uploaded originals are then dropped.
             self.params = list(self.vm["transform_params"](self.params))
         self.max_context = max_context
+        # Models with sliding-window layers: the cache attends a prefill chunk exactly only up to
+        # the window (pipelines/add_kv_cache_creation.py), so longer prompts go in chunks.
+        self.prefill_chunk = prefill_chunk or max_context
         self._local = threading.local()
         self._local.functions = _VmFunctions(self.vm)
 
@@ -153,11 +156,19 @@ class TvmProgram:
         return cache
 
     def forward(self, cache, ids: np.ndarray) -> tuple[np.ndarray, list]:
-        """Append ``ids`` (int64, [n]) to the sequence.
+        """Append ``ids`` (int64, [n]) to the sequence, in chunks of at most ``prefill_chunk``.
 
         Returns the last position's logits and (MoE engines) each sparse layer's routing, still as
-        device tensors ([n, top_k] experts per token): copied out only if someone asks for them.
+        device tensors ([n, top_k] experts per token, one per chunk): copied out only if someone
+        asks for them.
         """
+        routing: list = []
+        for start in range(0, int(ids.shape[0]), self.prefill_chunk):
+            logits, chunk_routing = self._forward(cache, ids[start:start + self.prefill_chunk])
+            routing = [r + [c] for r, c in zip(routing, chunk_routing)] if routing else [[c] for c in chunk_routing]
+        return logits, routing
+
+    def _forward(self, cache, ids: np.ndarray) -> tuple[np.ndarray, list]:
         n = int(ids.shape[0])
         vm = self._thread_vm()
         _begin_forward(cache, _SEQUENCE_IDS, _ONE_TOKEN if n == 1 else ShapeTuple([n]))

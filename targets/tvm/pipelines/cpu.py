@@ -24,9 +24,9 @@ def kernels(vector: int) -> dict:
             int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
         "moe_dense_route": lambda ins, outs: cpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),
         "moe_group": lambda ins, outs: cpu_moe.group_kernel(int(outs[2].shape[0]) - 1),
-        "moe_grouped_swiglu": lambda ins, outs, per_token: cpu_moe.grouped_swiglu_kernel(
+        "moe_grouped_swiglu": lambda ins, outs, per_token, act: cpu_moe.grouped_swiglu_kernel(
             int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, vector,
-            cpu_moe.swiglu_tile_rows(vector), dtype=ins[0].dtype),
+            cpu_moe.swiglu_tile_rows(vector), dtype=ins[0].dtype, act=int(act)),
         "moe_grouped_down": lambda ins, outs: cpu_moe.grouped_down_kernel(
             int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), vector, tile_rows(vector),
             dtype=ins[1].dtype),

@@ -37,8 +37,9 @@ def kernels(max_threads: int) -> dict:
             int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
         "moe_dense_route": lambda ins, outs: gpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),
         "moe_group": lambda ins, outs: gpu_moe.group_kernel(int(outs[2].shape[0]) - 1, max_threads),
-        "moe_grouped_swiglu": lambda ins, outs, per_token: gpu_moe.grouped_swiglu_kernel(
-            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, dtype=ins[0].dtype),
+        "moe_grouped_swiglu": lambda ins, outs, per_token, act: gpu_moe.grouped_swiglu_kernel(
+            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, dtype=ins[0].dtype,
+            act=int(act)),
         "moe_grouped_down": lambda ins, outs: gpu_moe.grouped_down_kernel(
             int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), dtype=ins[1].dtype),
         "moe_combine": lambda ins, outs: gpu_moe.combine_kernel(
