@@ -171,6 +171,8 @@ def _copy_engine(source: Path, dest: Path, weights: bool, tokenizer: bool) -> di
         if not weights and engine_dir.WEIGHTS in files:
             manifest["expected_weights"] = engine_dir.weights_spec(source / engine_dir.WEIGHTS)
     (dest / engine_dir.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if not dropped and (source / engine_dir.SIGNATURE).is_file():  # the manifest is unchanged: still signed
+        shutil.copy2(source / engine_dir.SIGNATURE, dest / engine_dir.SIGNATURE)
     return {"name": dest.name, "source": str(source.resolve()), "target": manifest["target"]["name"],
             "device": manifest["target"]["device"], "weights": weights, "tokenizer": bool(manifest.get("tokenizer")),
             "files": {n: (dest / n).stat().st_size for n in sorted([*names, engine_dir.MANIFEST])}}
