@@ -1,8 +1,8 @@
-"""Swap the KV cache's CPU prefill attention kernels for qwen2c's parallel ones.
+"""Swap the KV cache's CPU attention kernels (prefill and decode) for qwen2c's parallel ones.
 
-TVM's CPU prefill kernels are serial and scalar (see ``schedules/cpu_attention.py``); qwen2c's
-have the same signatures and results. Runs right after ``add_kv_cache_creation`` in the CPU
-pipeline. If TVM renamed its kernels, the swap is skipped with a warning and TVM's are used.
+TVM's CPU attention kernels are serial and scalar (see ``schedules/cpu_attention.py`` and
+``schedules/cpu_decode_attention.py``); qwen2c's have the same signatures and results. Runs right
+after ``add_kv_cache_creation`` in the CPU pipeline. If TVM renamed its kernels, the swap is skipped with a warning and TVM's are used.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from qwen2c.schedules.cpu_attention import (
     paged_prefill_kernel,
     ragged_prefill_kernel,
 )
+from qwen2c.schedules.cpu_decode_attention import DECODE, DECODE_SLIDING, decode_kernel
 
 from .add_kv_cache_creation import kv_cache_geometry
 
@@ -46,10 +47,15 @@ def _swap(mod: tvm.IRModule, vector_lanes: int) -> tvm.IRModule:
             kernel = ragged_prefill_kernel(*heads, dtype=g["dtype"])
         elif symbol == PAGED_PREFILL:
             kernel = paged_prefill_kernel(*heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"])
+        elif symbol in (DECODE, DECODE_SLIDING):
+            kernel = decode_kernel(*heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"],
+                                   sliding_window=symbol == DECODE_SLIDING)
         else:
             continue
         mod[gvar] = kernel.with_attr("global_symbol", symbol)
         replaced.add(symbol)
-    if replaced != {RAGGED_PREFILL, PAGED_PREFILL}:
-        log.warning("the KV cache's prefill kernels were not all found (%s); using TVM's", sorted(replaced))
+    expected = {RAGGED_PREFILL, PAGED_PREFILL, DECODE, DECODE_SLIDING}
+    if replaced != expected:
+        log.warning("the KV cache's attention kernels %s were not found; TVM's are used for them",
+                    sorted(expected - replaced))
     return mod
