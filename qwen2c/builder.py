@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from . import __version__, engine_dir
@@ -108,7 +109,7 @@ def build(
     try:
         clock.step("writing the engine")
         device_code = write_library(compiled.executable, spec, staging / engine_dir.LIBRARY, linker, progress)
-        params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
+        params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS, compiled.weight_layout)
         cfg = dict(source.config)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
@@ -126,6 +127,8 @@ def build(
                          "transformers": transformers.__version__},
             "passes": [r.to_json() for r in reports],
             "params": params,
+            # transform_params' outputs as concatenations of params (stored end to end): see runtime.
+            "weight_layout": compiled.weight_layout,
             "tokenizer": tokenizer,
             "parity": None,
         }
@@ -166,21 +169,35 @@ def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
             "num_experts_per_tok": config.num_experts_per_tok, "norm_topk_prob": bool(config.norm_topk_prob)}
 
 
-def _save_weights(program, names: list[tuple[str, str]], path: Path) -> list[dict[str, str]]:
-    """Write the program's parameters once each (tied weights share a key); return the call order."""
-    from safetensors.torch import save_file
+def _save_weights(program, names: list[tuple[str, str]], path: Path,
+                  layout: list[list[int]] | None = None) -> list[dict[str, str]]:
+    """Write the program's parameters once each (tied weights share a key); return the call order.
 
-    tensors: dict[str, torch.Tensor] = {}
+    The file is laid out to be mapped and used in place (``weights_file.write_aligned``): the
+    weights ``transform_params`` concatenates (``layout``, indices into the call order) end to end.
+    """
+    from .weights_file import write_aligned
+
+    tensors: dict[str, np.ndarray] = {}
     key_of: dict[int, str] = {}
     order = []
     for placeholder, name in names:
         tensor = program.state_dict[f"model.{name}"]
         key = key_of.setdefault(tensor.data_ptr(), name)
         if key == name:
-            tensors[name] = tensor.detach().contiguous()
+            tensors[name] = _as_numpy(tensor.detach().contiguous())
         order.append({"name": name, "key": key})
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    groups = [[order[i]["key"] for i in out] for out in layout or [] if len(out) > 1]
+    write_aligned(tensors, path, groups, metadata={"format": "pt"})
     return order
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; ml_dtypes' has the same bits
+        import ml_dtypes
+
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
 
 
 class _Clock:

@@ -1,8 +1,10 @@
 """Swap the KV cache's CPU attention kernels (prefill and decode) for qwen2c's parallel ones.
 
-TVM's CPU attention kernels are serial and scalar (see ``schedules/cpu_attention.py`` and
-``schedules/cpu_decode_attention.py``); qwen2c's have the same signatures and results. Runs right
-after ``add_kv_cache_creation`` in the CPU pipeline. If TVM renamed its kernels, the swap is skipped with a warning and TVM's are used.
+TVM's CPU attention kernels are serial and scalar; qwen2c's have the same signatures and results:
+a prompt's attention over itself is ``schedules/cpu_blocked_attention.py`` (tiles of queries x
+keys), over the cache's pages ``schedules/cpu_attention.py``, decode
+``schedules/cpu_decode_attention.py``. Runs right after ``add_kv_cache_creation`` in the CPU
+pipeline. If TVM renamed its kernels, the swap is skipped with a warning and TVM's are used.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from qwen2c.schedules.cpu_attention import (
     PAGED_PREFILL,
     RAGGED_PREFILL,
     paged_prefill_kernel,
-    ragged_prefill_kernel,
 )
+from qwen2c.schedules.cpu_blocked_attention import blocked_ragged_prefill_kernel
 from qwen2c.schedules.cpu_decode_attention import DECODE, DECODE_SLIDING, decode_kernel
 
 from .add_kv_cache_creation import kv_cache_geometry
@@ -44,7 +46,7 @@ def _swap(mod: tvm.IRModule, vector_lanes: int) -> tvm.IRModule:
         original = mod[gvar]
         symbol = original.attrs.get("global_symbol") if isinstance(original, tirx.PrimFunc) and original.attrs else None
         if symbol == RAGGED_PREFILL:
-            kernel = ragged_prefill_kernel(*heads, dtype=g["dtype"])
+            kernel = blocked_ragged_prefill_kernel(*heads, dtype=g["dtype"])
         elif symbol == PAGED_PREFILL:
             kernel = paged_prefill_kernel(*heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"])
         elif symbol in (DECODE, DECODE_SLIDING):
