@@ -11,7 +11,7 @@ loading without copies:
   that order, so the concatenation is already in the file.
 
 ``map_weights`` maps the file copy-on-write (``MAP_PRIVATE``): pages come from the page cache, shared
-with every other process mapping the file, and nothing is read until used. Copy-on-write rather than
+with every other process mapping the file; nothing is copied, and pages are mapped as first used. Copy-on-write rather than
 read-only because DLPack cannot mark memory read-only, and NumPy refuses to export read-only arrays;
 nothing writes to weights, and if something did, only its private copy of that page would change.
 """
@@ -66,10 +66,13 @@ def write_aligned(tensors: dict[str, np.ndarray], path: Path, groups: list[list[
 
 def map_weights(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as an array over one copy-on-write mapping of it."""
+    path = Path(path)
     try:
         header = _safetensors_header(path)
         with open(path, "rb") as f:
             start = 8 + struct.unpack("<Q", f.read(8))[0]
+            # Not MAP_POPULATE: on a private writable mapping Linux populates by write faults, which
+            # copies every page (measured: 2.6 s and 2 GB of anonymous memory for qwen2-0.5b).
             mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         raise EngineError(f"{path}: unreadable weights ({e}).") from None

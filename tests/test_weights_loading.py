@@ -18,16 +18,22 @@ from qwen2c.errors import EngineError
 from qwen2c.weights_file import joined, map_weights, write_aligned
 
 
-def _file_mappings(path) -> list[tuple[int, int]]:
-    """Address ranges this process maps from ``path`` (from /proc/self/maps, not from qwen2c)."""
-    ranges = []
-    with open("/proc/self/maps") as f:
+def _file_mappings(path) -> list[dict]:
+    """What this process maps from ``path`` (from /proc/self/smaps, not from qwen2c): address range
+    and the kB of anonymous memory (pages copied on write) in it."""
+    regions, current = [], None
+    with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
-            if len(fields) >= 6 and os.path.realpath(fields[5]) == os.path.realpath(path):
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                ranges.append((lo, hi))
-    return ranges
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's first line
+                current = None
+                if len(fields) >= 6 and os.path.realpath(fields[5]) == os.path.realpath(path):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    current = {"lo": lo, "hi": hi, "anonymous_kb": 0}
+                    regions.append(current)
+            elif current is not None and fields[0] == "Anonymous:":
+                current["anonymous_kb"] = int(fields[1])
+    return regions
 
 
 @pytest.fixture()
@@ -41,11 +47,14 @@ def test_every_weight_is_used_in_place_from_the_mapped_file(tiny_engine, tiny_ch
 
     engine = qwen2c.load(tiny_engine)
     program = engine._program
+    assert program.weights_in_place == len(program.params)
+    engine.generate([1, 2, 3], 4)
     mapped = _file_mappings(tiny_engine / "model.safetensors")
     assert mapped, "the weights file is not mapped"
-    assert program.weights_in_place == len(program.params)
     for t in program.params:
-        assert any(lo <= t.data_ptr() and t.data_ptr() + t.numpy().nbytes <= hi for lo, hi in mapped)
+        assert any(m["lo"] <= t.data_ptr() and t.data_ptr() + t.numpy().nbytes <= m["hi"] for m in mapped)
+    # ... and still the file's pages (page cache), not private copies made on write.
+    assert all(m["anonymous_kb"] == 0 for m in mapped)
     # The combined q/k/v weight the VM uses is transformers' three weights, end to end in the file.
     ref = load_file(tiny_checkpoint / "model.safetensors")
     layer0 = [ref[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
