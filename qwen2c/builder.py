@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from . import __version__, args, engine_dir
@@ -173,7 +174,7 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
         # Forked: LLVM aborts the process when a write fails (a disk filling now), see isolate.py.
         device_code = run_forked(lambda: write_library(compiled.executable, spec, staging / engine_dir.LIBRARY,
                                                        linker, progress))
-        _save_weights(program, params, staging / engine_dir.WEIGHTS)
+        _save_weights(program, params, staging / engine_dir.WEIGHTS, compiled.weight_layout)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
     except ChildDied as e:
@@ -198,6 +199,8 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
                      "transformers": transformers.__version__},
         "passes": [r.to_json() for r in reports],
         "params": [{"name": p["name"], "key": p["key"]} for p in params],
+        # transform_params' outputs as concatenations of params (stored end to end): see runtime.
+        "weight_layout": compiled.weight_layout,
         "tokenizer": tokenizer,
         "parity": None,
     }
@@ -274,13 +277,26 @@ def _param_table(program, names: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return table
 
 
-def _save_weights(program, params: list[dict[str, Any]], path: Path) -> None:
-    """Write the program's parameters once each (tied weights share a key)."""
-    from safetensors.torch import save_file
+def _save_weights(program, params: list[dict[str, Any]], path: Path, layout: list[list[int]] | None = None) -> None:
+    """Write the program's parameters once each (tied weights share a key).
 
-    tensors = {p["key"]: program.state_dict[f"model.{p['key']}"].detach().contiguous()
+    The file is laid out to be mapped and used in place (``weights_file.write_aligned``): the
+    weights ``transform_params`` concatenates (``layout``, indices into the call order) end to end.
+    """
+    from .weights_file import write_aligned
+
+    tensors = {p["key"]: _as_numpy(program.state_dict[f"model.{p['key']}"].detach().contiguous())
                for p in params if p["key"] == p["name"]}
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    groups = [[params[i]["key"] for i in out] for out in layout or [] if len(out) > 1]
+    write_aligned(tensors, path, groups, metadata={"format": "pt"})
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; ml_dtypes' has the same bits
+        import ml_dtypes
+
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
 
 
 class _Clock:

@@ -69,14 +69,12 @@ class Engine:
         backend = self.manifest.get("backend")
         if backend != "tvm":
             raise EngineError(f"{self.directory}: backend {backend!r} is not one this qwen2c runs (tvm).")
-        from safetensors.numpy import load_file
-
         from qwen2c.targets.tvm.runtime import TvmProgram
 
-        try:
-            tensors = load_file(str(self.directory / engine_dir.WEIGHTS))
-        except Exception as e:
-            raise EngineError(f"{self.directory / engine_dir.WEIGHTS}: unreadable weights ({e}).") from None
+        from .weights_file import map_weights
+
+        # Mapped, not read: the VM uses the file's pages in place where it can (weights_file.py).
+        tensors = map_weights(self.directory / engine_dir.WEIGHTS)
         try:
             weights = [tensors[p["key"]] for p in self.manifest["params"]]
         except (KeyError, TypeError) as e:
@@ -86,6 +84,7 @@ class Engine:
                 self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context,
                 check_fingerprint=self._check_fingerprint,
                 prefill_chunk=self.manifest.get("prefill_chunk"),
+                weight_layout=self.manifest.get("weight_layout"),
             )
         except Qwen2cError:  # no device or device runtime here: already says what is missing
             raise

@@ -13,6 +13,7 @@ from ..registry import TargetSpec
 from .device_code import device_codegen
 from .launch_report import launch_report
 from .pipelines import pipeline_for, run_pipeline, surfacing_user_errors
+from .pipelines.record_weight_layout import WEIGHT_LAYOUT_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 class Compiled:
     executable: relax.VMExecutable
     launches: dict[str, Any] | None  # GPU: what one decode step launches (launch_report.py)
+    # What transform_params makes of the weights (pipelines/record_weight_layout.py); None: run it.
+    weight_layout: list[list[int]] | None = None
 
 
 def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> Compiled:
@@ -29,11 +32,17 @@ def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> Compiled:
     config = {"relax.backend.use_cuda_graph": True} if spec.device == "cuda" else {}
     with target, tvm.transform.PassContext(config=config):
         mod = run_pipeline(pipeline_for(spec), mod)
+    layout = _weight_layout(mod)
     if spec.device == "cpu":
-        return Compiled(_link(mod, target), None)
+        return Compiled(_link(mod, target), None, layout)
     launches = launch_report(mod) if "decode" in [gv.name_hint for gv in mod.get_global_vars()] else None
     with surfacing_user_errors(), device_codegen(spec):
-        return Compiled(relax.build(mod, target=target, relax_pipeline=None), launches)
+        return Compiled(relax.build(mod, target=target, relax_pipeline=None), launches, layout)
+
+
+def _weight_layout(mod: tvm.IRModule) -> list[list[int]] | None:
+    layout = (mod.attrs or {}).get(WEIGHT_LAYOUT_ATTR)
+    return None if layout is None else [[int(i) for i in out] for out in layout]
 
 
 def _link(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:

@@ -18,7 +18,8 @@ import sys
 import threading
 from pathlib import Path
 
-from qwen2c.errors import BackendUnavailableError
+from qwen2c.errors import BackendUnavailableError, EngineError
+from qwen2c.weights_file import joined
 
 # TVM sizes its worker pool on first use and, by default, to half the logical CPUs (it assumes
 # hyper-threading): on a 2-core machine without SMT that is one thread, and half the memory
@@ -63,6 +64,7 @@ _end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
 _SEQUENCE_IDS = ShapeTuple([0])  # every cache holds one sequence, id 0
 _ONE_TOKEN = ShapeTuple([1])
 
+_CPU = tvm.cpu().dlpack_device_type()
 _DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm, "metal": tvm.metal, "opencl": tvm.opencl}
 
 
@@ -114,6 +116,10 @@ def _load_cuda_runtime() -> None:
         ) from None
 
 
+def _shares_memory(tensor, array: np.ndarray) -> bool:
+    return tensor.data_ptr() == array.ctypes.data
+
+
 class TvmProgram:
     """One loaded library and its weights, shared by every session and thread.
 
@@ -123,19 +129,15 @@ class TvmProgram:
     """
 
     def __init__(self, library: Path, device: str, weights: list[np.ndarray], max_context: int,
-                 check_fingerprint=None, prefill_chunk: int | None = None):
+                 check_fingerprint=None, prefill_chunk: int | None = None,
+                 weight_layout: list[list[int]] | None = None):
         self.device = open_device(device)
+        self.where = library.parent
         self.library = tvm.runtime.load_module(str(library))
         self.vm = VirtualMachine(self.library, self.device)
         if check_fingerprint is not None:  # before any of the library's code runs on the weights
             check_fingerprint(read_fingerprint(self.vm))
-        uploaded: dict[int, tvm.runtime.Tensor] = {}
-        # Tied weights arrive as the same array twice; upload it once.
-        self.params = [uploaded.setdefault(id(w), tvm.runtime.tensor(w, self.device)) for w in weights]
-        if self.vm.module.implements_function("transform_params"):
-            # Weights the compiler combined (q/k/v, gate/up: pipelines/combine_parallel_linears.py)
-            # are concatenated here, once, on the device; the uploaded originals are then dropped.
-            self.params = list(self.vm["transform_params"](self.params))
+        self.params, self.weights_in_place = self._weights_for_vm(weights, weight_layout)
         self.max_context = max_context
         # Models with sliding-window layers: the cache attends a prefill chunk exactly only up to
         # the window (pipelines/add_kv_cache_creation.py), so longer prompts go in chunks.
@@ -148,6 +150,39 @@ class TvmProgram:
         if functions is None:
             functions = self._local.functions = _VmFunctions(VirtualMachine(self.library, self.device))
         return functions
+
+    def _weights_for_vm(self, weights: list[np.ndarray], layout: list[list[int]] | None):
+        """The VM's weights, and how many of them use the caller's memory in place (no copy).
+
+        Weights the compiler combined (q/k/v, gate/up: pipelines/combine_parallel_linears.py) are
+        made by ``transform_params``. When the engine records what it makes (``layout``) and the
+        weights file stores each combination end to end, the combination is a view of the file
+        and ``transform_params`` is skipped; otherwise it runs here, once, on the device.
+        """
+        if not self.vm.module.implements_function("transform_params"):
+            layout = [[i] for i in range(len(weights))]
+        elif layout is not None and not (
+                isinstance(layout, list) and all(isinstance(out, list) and out for out in layout)
+                and all(type(i) is int and 0 <= i < len(weights) for out in layout for i in out)):
+            # The manifest is data: an index outside the parameters must not reach the views below.
+            raise EngineError(f"{self.where}: the manifest's weight_layout is malformed (not lists of parameter indices in "
+                              f"[0, {len(weights)})); the engine is corrupt.")
+        combined = None if layout is None else [joined([weights[i] for i in out]) for out in layout]
+        uploaded: dict[int, tvm.runtime.Tensor] = {}  # tied weights arrive as the same array twice
+        if combined is not None and all(c is not None for c in combined):
+            params = [uploaded.setdefault(id(c), self._to_device(c)) for c in combined]
+            return params, sum(_shares_memory(t, c) for t, c in zip(params, combined))
+        params = [uploaded.setdefault(id(w), self._to_device(w)) for w in weights]
+        return list(self.vm["transform_params"](params)), 0
+
+    def _to_device(self, array: np.ndarray) -> "tvm.runtime.Tensor":
+        """``array`` as a TVM tensor: on the CPU, the same memory when aligned as TVM requires."""
+        if self.device.dlpack_device_type() == _CPU and array.ctypes.data % 64 == 0 and array.flags.c_contiguous \
+                and array.flags.writeable:
+            if array.dtype.name == "bfloat16":  # DLPack from NumPy knows no bfloat16: the bits as uint16
+                return tvm.runtime.from_dlpack(array.view(np.uint16))._create_view(array.shape, "bfloat16")
+            return tvm.runtime.from_dlpack(array)
+        return tvm.runtime.tensor(array, self.device)
 
     def new_cache(self):
         shape = [1, self.max_context, self.max_context, PAGE_SIZE, 0]

@@ -13,6 +13,7 @@ from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
 from .combine_parallel_linears import combine_parallel_linears, lift_weight_transforms
 from .dispatch_kernels import dispatch_kernels
+from .record_weight_layout import record_weight_layout
 from .use_cpu_attention_kernels import use_cpu_attention_kernels
 
 
@@ -47,6 +48,7 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         *combine_parallel_linears(),
         dispatch_cpu_matmul(vector_lanes=lanes),
         lift_weight_transforms(),
+        record_weight_layout(),
         *cpu_generic.library_dispatch_passes(target),
         # legalize the remaining ops to TIR and fuse elementwise chains.
         *cpu_generic.legalize_passes(target),

@@ -25,6 +25,7 @@ from .add_kv_cache_creation import add_kv_cache_creation
 from .check_scheduled import check_scheduled
 from .combine_parallel_linears import combine_parallel_linears, lift_weight_transforms
 from .dispatch_kernels import dispatch_kernels
+from .record_weight_layout import record_weight_layout
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         *combine_parallel_linears(),
         relax.transform.FuseTransposeMatmul(),
         lift_weight_transforms(),
+        record_weight_layout(),
         # legalize the remaining ops to TIR and fuse them.
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

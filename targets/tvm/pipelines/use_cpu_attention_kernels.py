@@ -1,8 +1,10 @@
-"""Swap the KV cache's CPU prefill attention kernels for qwen2c's parallel ones (and, for models
-with sliding-window layers, its sliding-window paged prefill kernel).
+"""Swap the KV cache's CPU attention kernels (prefill, decode, and for models with sliding-window
+layers the sliding-window paged prefill) for qwen2c's parallel ones.
 
-TVM's CPU prefill kernels are serial and scalar (see ``schedules/cpu_attention.py``); qwen2c's
-have the same signatures and results. Runs right after ``add_kv_cache_creation`` in the CPU
+TVM's CPU attention kernels are serial and scalar; qwen2c's have the same signatures and results:
+a prompt's attention over itself is ``schedules/cpu_blocked_attention.py`` (tiles of queries x
+keys), over the cache's pages ``schedules/cpu_attention.py``, decode
+``schedules/cpu_decode_attention.py``. Runs right after ``add_kv_cache_creation`` in the CPU
 pipeline. If TVM renamed its kernels, the swap is skipped with a warning and TVM's are used.
 """
 
@@ -20,8 +22,9 @@ from qwen2c.schedules.cpu_attention import (
     RAGGED_PREFILL,
     paged_prefill_kernel,
     paged_prefill_sliding_kernel,
-    ragged_prefill_kernel,
 )
+from qwen2c.schedules.cpu_blocked_attention import blocked_ragged_prefill_kernel
+from qwen2c.schedules.cpu_decode_attention import DECODE, DECODE_SLIDING, decode_kernel
 
 from .add_kv_cache_creation import kv_cache_geometry
 
@@ -47,17 +50,22 @@ def _swap(mod: tvm.IRModule, vector_lanes: int) -> tvm.IRModule:
         original = mod[gvar]
         symbol = original.attrs.get("global_symbol") if isinstance(original, tirx.PrimFunc) and original.attrs else None
         if symbol == RAGGED_PREFILL:
-            kernel = ragged_prefill_kernel(*heads, dtype=g["dtype"])
+            kernel = blocked_ragged_prefill_kernel(*heads, dtype=g["dtype"])
         elif symbol == PAGED_PREFILL:
             kernel = paged_prefill_kernel(*heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"])
         elif symbol == PAGED_PREFILL_SLIDING and windows:
             kernel = paged_prefill_sliding_kernel(*heads, page_size=CACHE_PAGE_SIZE, window=windows[0], dtype=g["dtype"])
+        elif symbol in (DECODE, DECODE_SLIDING):
+            kernel = decode_kernel(*heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"],
+                                   sliding_window=symbol == DECODE_SLIDING)
         else:
             continue
         mod[gvar] = kernel.with_attr("global_symbol", symbol)
         replaced.add(symbol)
     # TVM's sliding-window kernel is wrong where a query's first key is masked: never run it.
     assert not windows or PAGED_PREFILL_SLIDING in replaced, f"no {PAGED_PREFILL_SLIDING} kernel to replace"
-    if not {RAGGED_PREFILL, PAGED_PREFILL} <= replaced:
-        log.warning("the KV cache's prefill kernels were not all found (%s); using TVM's", sorted(replaced))
+    expected = {RAGGED_PREFILL, PAGED_PREFILL, DECODE, DECODE_SLIDING}
+    if not expected <= replaced:
+        log.warning("the KV cache's attention kernels %s were not found; TVM's are used for them",
+                    sorted(expected - replaced))
     return mod
