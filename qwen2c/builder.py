@@ -149,6 +149,7 @@ def build(
                 f"not run ({spec.name} code does not run on this machine)"
             progress(f"    parity not run: {spec.name} engines do not run on this machine; `qwen2c verify` where they do "
                      "records it in the manifest")
+        manifest["build_seconds"] = round(time.monotonic() - clock.start, 1)  # reported by `qwen2c bench`
         engine_dir.write_manifest(staging, manifest)
         engine_dir.publish(staging, out, force)
     finally:

@@ -57,14 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--decode-steps", type=int, default=8)
     v.add_argument("--no-record", action="store_true",
                    help="do not write the result into the engine's manifest (default: record it)")
-    be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
-                        description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
-    be.add_argument("engine", help="engine directory")
-    be.add_argument("--prompt-tokens", type=int, default=128)
-    be.add_argument("--decode-tokens", type=int, default=32)
-    be.add_argument("--repeats", type=int, default=3)
-    be.add_argument("--dense-experts", action="store_true",
-                    help="MoE engines: compare with the same model built to run all experts on every token")
+    be = sub.add_parser("bench", help="an engine against its peers: prefill, decode, memory, vs this machine's limits",
+                        description="Time engines (and with --compare transformers, torch.compile, ONNX Runtime and "
+                                    "llama.cpp on the same weights), interleaved; a table, OUT/bench.json, OUT/bench.png.")
+    from .bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(be)
     pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
                         description="Copy engines, qwen2c, TVM's runtime (not its compiler) and tvm_ffi for a given "
                                     "Python into one folder that runs them offline, with numpy (and torch, "
@@ -160,14 +158,9 @@ def _inspect(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench, bench_moe_dispatch, format_bench, format_moe_bench
+    from .bench.command import run_command
 
-    if args.dense_experts:
-        result = bench_moe_dispatch(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
-        print(format_moe_bench(result))
-        return 0
-    print(format_bench(bench(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
-    return 0
+    return run_command(args, _progress)
 
 
 def _pack(args) -> int:

@@ -1,0 +1,151 @@
+"""What a benchmark run shows: tables on the terminal, the JSON file, and a PNG plot.
+
+Every number in the tables comes from the JSON (``summarize``'s result): medians over the rounds,
+the spread across rounds ((max - min) / median) next to each, and each result as a fraction of this
+machine's limit measured in the same run (decode: bytes read per token ÷ bandwidth; prefill: FLOPs
+÷ GEMM peak). Ratios are qwen2c's tokens/s over the peer's at the same weight bits (> 1: qwen2c is
+faster); load and time-to-first-token ratios are the peer's seconds over qwen2c's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _cell_prefill(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    if "skipped" in v:
+        return "n/a"
+    return f"{v['tok_s']:.0f} ({100 * v['fraction_of_peak']:.0f}%, ±{50 * v['spread']:.0f}%)"
+
+
+def _cell_decode(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    if "skipped" in v:
+        return "n/a"
+    return f"{v['ms_per_token']:.1f}/{v['p90_ms']:.1f} ({100 * v['fraction_of_roofline']:.0f}%, ±{50 * v['spread']:.0f}%)"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    plan, limits, m = result["plan"], result["limits"], result["machine"]
+    rows = result["systems"]
+    ok = [r for r in rows if "error" not in r]
+    features = ", ".join(m.get("features", []))
+    lines = [
+        f"machine: {m['cpu']} ({features}; L3 {m.get('l3', '?')}), {plan['threads']} threads for every system",
+        f"limits, measured in this run: memory read {limits['bandwidth_GB_s']:.1f} GB/s (C streaming kernel); "
+        f"GEMM {limits['gemm_GFLOP_s']['float32']:.0f} GFLOP/s float32, {limits['gemm_GFLOP_s']['bfloat16']:.0f} bfloat16",
+        f"{plan['rounds']} rounds, systems interleaved; {plan['decode_steps']} decode steps per context",
+        "",
+        "prefill tokens/s by prompt length (% of GEMM peak, ± half the spread across rounds)",
+    ]
+    lines += _table(["system", "bits", *(f"{n} tokens" for n in plan["prefill"])],
+                    [[r["name"], str(r["bits"]), *(_cell_prefill(r["prefill"].get(str(n))) for n in plan["prefill"])]
+                     for r in ok])
+    lines += ["", "decode ms/token median/p90 after N tokens of context (% of bandwidth roofline, ± half the spread)"]
+    lines += _table(["system", "bits", *(f"after {c}" for c in plan["decode_contexts"])],
+                    [[r["name"], str(r["bits"]), *(_cell_decode(r["decode"].get(str(c))) for c in plan["decode_contexts"])]
+                     for r in ok])
+    lines += ["", "load, time to first token, memory, preparation"]
+    lines += _table(["system", "load s", "first token ms", "peak RSS MiB", "MB read/token", "prepared"],
+                    [[r["name"], f"{r['load_s']:.1f}",
+                      f"{r['ttft_ms']['ms']:.0f} ({r['ttft_ms']['prompt_tokens']} tok)" if r.get("ttft_ms") else "-",
+                      f"{r['peak_rss_bytes'] / MIB:.0f}" if r.get("peak_rss_bytes") else "-",
+                      f"{r['weight_bytes_per_token'] / 1e6:.4g}", _prepared(r)]
+                     for r in ok])
+    if result["ratios"]:
+        lines += ["", "qwen2c over each peer at the same weight bits (> 1: qwen2c faster)"]
+        head = [*(f"prefill {n}" for n in plan["prefill"]), *(f"decode {c}" for c in plan["decode_contexts"]), "load",
+                "first token"]
+        table = []
+        for e in result["ratios"]:
+            cells = [e["prefill"].get(str(n)) for n in plan["prefill"]] + [e["decode"].get(str(c)) for c in
+                                                                         plan["decode_contexts"]]
+            cells += [e.get("load"), e.get("ttft")]
+            table.append([f"{e['qwen2c']} / {e['peer']}", *(f"{x:.2f}x" if x else "-" for x in cells)])
+        lines += _table(["", *head], table)
+    problems = [f"{r['name']}: {r['error'][-300:]}" for r in rows if "error" in r]
+    problems += [f"{r['name']}: {e[-200:]}" for r in ok for e in r.get("errors", [])]
+    if result.get("skipped") or problems:
+        lines += ["", *result.get("skipped", []), *problems]
+    return "\n".join(lines)
+
+
+def _prepared(r: dict[str, Any]) -> str:
+    if r.get("prepare_s") is not None:
+        return f"{r['prepare_s']:.0f} s {r['prepare_what']}"
+    return f"{r['prepare_what']} (cached)" if r.get("prepare_what") else "-"
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    partial.rename(path)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Three panels: prefill tokens/s against prompt length and decode tokens/s against context
+    length (one line per system), and decode tokens/s against weight bits (one line per family)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["systems"] if "error" not in r]
+    plan = result["plan"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    families = sorted({r["family"] for r in rows}, key=lambda f: (f != "qwen2c", f))
+    colors = {f: plt.cm.tab10(i) for i, f in enumerate(families)}
+    styles = ["-", "--", ":", "-."]
+    for r in rows:
+        same = [x for x in rows if x["family"] == r["family"]]
+        style = dict(color=colors[r["family"]], linestyle=styles[same.index(r) % len(styles)], marker="o",
+                     linewidth=2.5 if r["family"] == "qwen2c" else 1.5)
+        for ax, kind, lengths in ((axes[0], "prefill", plan["prefill"]), (axes[1], "decode", plan["decode_contexts"])):
+            points = [(n, r[kind][str(n)]["tok_s"]) for n in lengths if "tok_s" in r[kind].get(str(n), {})]
+            if points:
+                ax.plot(*zip(*points), label=r["name"], **style)
+    middle = _bits_context(rows, plan["decode_contexts"])
+    for f in families:
+        points = sorted((r["bits"], r["decode"][str(middle)]["tok_s"]) for r in rows
+                        if r["family"] == f and "tok_s" in r["decode"].get(str(middle), {}))
+        if points:
+            axes[2].plot(*zip(*points), label=f, color=colors[f], marker="o", linewidth=2.5 if f == "qwen2c" else 1.5)
+    for ax, title, xlabel in ((axes[0], "prefill", "prompt tokens"), (axes[1], "decode, batch 1", "context tokens"),
+                              (axes[2], f"decode after {middle} tokens", "weight bits")):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("tokens/s")
+        ax.grid(True, alpha=0.3)
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    axes[2].set_xticks([4, 8, 16, 32], ["4", "8", "16", "32"])
+    m = result["machine"]
+    fig.suptitle(f"{result.get('model', '')} on {m['cpu']}, {plan['threads']} threads; "
+                 f"{result['limits']['bandwidth_GB_s']:.0f} GB/s read, "
+                 f"{result['limits']['gemm_GFLOP_s']['float32']:.0f} GFLOP/s fp32 GEMM", fontsize=10)
+    fig.tight_layout()
+    partial = path.with_name(path.stem + ".partial.png")
+    fig.savefig(partial, dpi=110)
+    plt.close(fig)
+    partial.rename(path)
+
+
+def _bits_context(rows: list[dict[str, Any]], contexts: list[int]) -> int:
+    """The decode context the bits panel uses: the one measured for the most systems, shortest-but-one."""
+    counts = {c: sum("tok_s" in r["decode"].get(str(c), {}) for r in rows) for c in contexts}
+    best = max(counts.values(), default=0)
+    candidates = [c for c in contexts if counts[c] == best]
+    return candidates[min(1, len(candidates) - 1)] if candidates else contexts[0]
