@@ -9,13 +9,14 @@ files, ``limits`` measures the machine, ``report`` writes what it found. ``bench
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from .harness import Plan, run, summarize
-from .prepare import DEFAULT_LLAMA_TYPES, PEERS, plan_systems
+from .prepare import DEFAULT_LLAMA_TYPES, INSTALL, PEERS, plan_systems
 from .report import format_report, plot, write_json
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,12 @@ def run_bench(engines: list[Path], plan: Plan, out: Path, compare: bool = False,
     measured = run(systems, plan, config["vocab_size"], out / "logs", progress)
     result = summarize(systems, measured, config, plan)
     result.update(machine=machine(), skipped=skipped, model=_model_name(engines), engines=[str(e) for e in engines])
+    if importlib.util.find_spec("matplotlib") is None:
+        result["skipped"].append(f"plot: skipped, matplotlib not installed ({INSTALL})")
+    else:
+        plot(result, out / "bench.png")
+        result["plot"] = str(out / "bench.png")
     write_json(result, out / "bench.json")
-    plot(result, out / "bench.png")
     return result
 
 

@@ -77,5 +77,5 @@ def run_command(args, progress: Callable[[str], None]) -> int:
                        cache=Path(args.cache) if args.cache else DEFAULT_CACHE, build_seconds=seconds,
                        progress=progress)
     print(format_report(result))
-    print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {result['plot']}" if result.get("plot") else ""))
     return 0

@@ -13,6 +13,7 @@ types are made from the f32 file with llama.cpp's quantizer (``llama_model_quant
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -38,7 +39,8 @@ def llama_cpp_version() -> str | None:
 
 
 def find_converter(cache: Path) -> Path:
-    """The folder holding ``convert_hf_to_gguf.py`` and ``gguf-py/``."""
+    """The folder holding ``convert_hf_to_gguf.py``, the ``conversion/`` package it imports (its
+    per-architecture code) and ``gguf-py/``."""
     if os.environ.get(ENV_SOURCE):
         folder = Path(os.environ[ENV_SOURCE])
         if not (folder / "convert_hf_to_gguf.py").is_file() or not (folder / "gguf-py").is_dir():
@@ -49,7 +51,7 @@ def find_converter(cache: Path) -> Path:
     if version is None:
         raise BackendUnavailableError("llama-cpp-python is not installed (pip install 'qwen2c[bench]').")
     folder = cache / f"llama.cpp-converter-{version}"
-    if (folder / "convert_hf_to_gguf.py").is_file():
+    if (folder / "convert_hf_to_gguf.py").is_file() and (folder / "conversion").is_dir():
         return folder
     with tempfile.TemporaryDirectory(prefix="qwen2c-sdist-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps", "--no-binary",
@@ -64,10 +66,13 @@ def find_converter(cache: Path) -> Path:
         with tarfile.open(archives[0]) as tar:
             prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
             wanted = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
-                      and (m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(prefix + "gguf-py/"))]
+                      and (m.name == prefix + "convert_hf_to_gguf.py"
+                           or m.name.startswith((prefix + "gguf-py/", prefix + "conversion/")))]
             for m in wanted:
                 m.name = m.name[len(prefix):]
             tar.extractall(staging, members=wanted, filter="data")
+        if folder.exists():
+            shutil.rmtree(folder)
         staging.rename(folder)
     return folder
 

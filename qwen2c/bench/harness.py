@@ -220,7 +220,8 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
             out.append(row)
             continue
         info = load["info"]
-        row.update(load_s=load["load_s"], weight_bytes_per_token=info["weight_bytes_per_token"],
+        row.update(load_s=load["load_s"], cold_first_token_s=load["load_s"] + load["first_call_s"],
+                   weight_bytes_per_token=info["weight_bytes_per_token"],
                    peak_rss_bytes=raw.get("peak_rss_bytes"), errors=raw["errors"])
         if info.get("build_s") is not None and s.prepare_s is None:
             row["prepare_s"], row["prepare_what"] = info["build_s"], "engine build (from its manifest)"

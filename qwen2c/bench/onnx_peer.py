@@ -47,7 +47,7 @@ def _with_cache(model):
             values = torch.stack([cache.layers[i].values for i in range(layers)])
             return out.logits[:, -1], keys, values
 
-    return WithCache()
+    return WithCache().eval()
 
 
 def export_onnx(source: str, out_dir: Path, max_context: int) -> float:
@@ -79,7 +79,6 @@ def export_onnx(source: str, out_dir: Path, max_context: int) -> float:
 
 class OnnxRunner:
     def __init__(self, spec: dict[str, Any]):
-        import onnx
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -90,12 +89,17 @@ class OnnxRunner:
         layers, _, kv, _, hd = shapes["past_keys"]
         self.empty = np.zeros((layers, 1, kv, 0, hd), np.float32)
         self.max_context = spec["max_context"]
-        model = onnx.load(spec["path"], load_external_data=False)
-        sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer}
+        self.path = spec["path"]
+
+    def describe(self) -> dict[str, Any]:
+        import onnx
+
         from .runners import weight_bytes_per_token
 
-        self.info = {"weight_bytes_per_token": weight_bytes_per_token(sizes, "model.embed_tokens", "lm_head"),
-                     "dtype": "float32"}
+        model = onnx.load(self.path, load_external_data=False)
+        sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer}
+        return {"weight_bytes_per_token": weight_bytes_per_token(sizes, "embed_tokens.weight", "lm_head.weight"),
+                "dtype": "float32"}
 
     def start(self) -> None:
         self.keys, self.values = self.empty, self.empty

@@ -87,15 +87,15 @@ def plan_systems(engines: list[Path], plan: Plan, peers: list[str], cache: Path,
             if peer in ("eager", "compile"):
                 for e in float_engines:
                     dtype = manifests[e]["dtype"]
-                    spec = {"kind": peer, "path": str(e), "dtype": dtype, "max_context": manifests[e]["max_context"],
-                            "cache_len": longest}
+                    context = manifests[e]["max_context"]
+                    spec = {"kind": peer, "path": str(e), "dtype": dtype, "max_context": context,
+                            "cache_len": min(longest, context)}
                     systems.append(System(f"{FAMILY[peer]} {dtype}", FAMILY[peer], dtype, BITS[dtype], spec,
                                           int(_weights_bytes(e) * (1.3 if peer == "eager" else 2.0)) + 600 * MIB))
             elif peer == "onnxruntime":
-                systems.append(_onnx_system(best[0], manifests[best[0]], cache, longest, progress))
+                systems.append(_onnx_system(best[0], manifests[best[0]], cache, progress))
             elif peer == "llama.cpp":
-                systems.extend(_llama_systems(best[0], manifests[best[0]], cache, llama_types, plan.threads, longest,
-                                              progress))
+                systems.extend(_llama_systems(best[0], manifests[best[0]], cache, llama_types, plan.threads, progress))
         except Qwen2cError as err:
             skipped.append(f"{peer}: skipped, {err}")
     return systems, skipped, config
@@ -105,7 +105,7 @@ def _weights_key(manifest: dict[str, Any]) -> str:
     return manifest["files"][engine_dir.WEIGHTS]["sha256"][:16]
 
 
-def _onnx_system(engine: Path, manifest: dict[str, Any], cache: Path, context: int, progress) -> System:
+def _onnx_system(engine: Path, manifest: dict[str, Any], cache: Path, progress) -> System:
     from .onnx_peer import ONNX_FILE, export_onnx
 
     folder = cache / "onnx" / _weights_key(manifest)
@@ -119,13 +119,13 @@ def _onnx_system(engine: Path, manifest: dict[str, Any], cache: Path, context: i
         except Exception as e:  # the exporter raises many kinds
             raise Qwen2cError(f"the ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from None
     size = sum(p.stat().st_size for p in folder.iterdir())
-    spec = {"kind": "onnxruntime", "path": str(folder / ONNX_FILE), "max_context": context}
+    spec = {"kind": "onnxruntime", "path": str(folder / ONNX_FILE), "max_context": manifest["max_context"]}
     return System("onnxruntime float32", "onnxruntime", "float32", 32, spec, int(size * 1.5) + 600 * MIB, seconds,
                   "ONNX export")
 
 
 def _llama_systems(engine: Path, manifest: dict[str, Any], cache: Path, types: list[str], threads: int,
-                   context: int, progress) -> list[System]:
+                   progress) -> list[System]:
     from .gguf_peer import BITS as GGUF_BITS
     from .gguf_peer import gguf_for
 
@@ -135,7 +135,7 @@ def _llama_systems(engine: Path, manifest: dict[str, Any], cache: Path, types: l
             raise ConfigError(f"--llama-types {t!r}: choose from {', '.join(GGUF_BITS)}.")
         progress(f"GGUF {t} of {engine} (llama.cpp's converter/quantizer; cached)")
         path, seconds = gguf_for(engine, _weights_key(manifest), t, cache, threads)
-        spec = {"kind": "llama.cpp", "path": str(path), "dtype": t, "max_context": context}
+        spec = {"kind": "llama.cpp", "path": str(path), "dtype": t, "max_context": manifest["max_context"]}
         out.append(System(f"llama.cpp {t}", "llama.cpp", t, GGUF_BITS[t], spec,
                           int(path.stat().st_size * 1.1) + 400 * MIB, seconds, "GGUF conversion"))
     return out

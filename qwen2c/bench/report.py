@@ -58,9 +58,9 @@ def format_report(result: dict[str, Any]) -> str:
     lines += _table(["system", "bits", *(f"after {c}" for c in plan["decode_contexts"])],
                     [[r["name"], str(r["bits"]), *(_cell_decode(r["decode"].get(str(c))) for c in plan["decode_contexts"])]
                      for r in ok])
-    lines += ["", "load, time to first token, memory, preparation"]
-    lines += _table(["system", "load s", "first token ms", "peak RSS MiB", "MB read/token", "prepared"],
-                    [[r["name"], f"{r['load_s']:.1f}",
+    lines += ["", "load; cold start (load + first 4-token call); warm time to first token; memory; preparation"]
+    lines += _table(["system", "load s", "cold start s", "first token ms", "peak RSS MiB", "MB read/token", "prepared"],
+                    [[r["name"], f"{r['load_s']:.1f}", f"{r['cold_first_token_s']:.1f}",
                       f"{r['ttft_ms']['ms']:.0f} ({r['ttft_ms']['prompt_tokens']} tok)" if r.get("ttft_ms") else "-",
                       f"{r['peak_rss_bytes'] / MIB:.0f}" if r.get("peak_rss_bytes") else "-",
                       f"{r['weight_bytes_per_token'] / 1e6:.4g}", _prepared(r)]

@@ -14,7 +14,10 @@ def prefill_flops(config: dict[str, Any], tokens: int) -> int:
     every linear layer on every token (MoE: the routed experts only), the output projection once,
     and causal attention (QKᵀ and PV over the positions before each token)."""
     hf = hf_config(config)
-    embeddings = hf.vocab_size * hf.hidden_size * (1 if hf.tie_word_embeddings else 2)
-    linear = active_param_count(hf) - embeddings
-    attention = 2 * 2 * hf.num_hidden_layers * hf.num_attention_heads * head_dim(hf) * tokens * (tokens + 1) // 2
-    return 2 * tokens * linear + 2 * hf.hidden_size * hf.vocab_size + attention
+    h, layers = hf.hidden_size, hf.num_hidden_layers
+    embeddings = hf.vocab_size * h * (1 if hf.tie_word_embeddings else 2)
+    norms = (2 * layers + 1) * h
+    biases = layers * (h + 2 * hf.num_key_value_heads * head_dim(hf))  # q, k, v: adds, not multiply-adds
+    linear = active_param_count(hf) - embeddings - norms - biases
+    attention = 2 * 2 * layers * hf.num_attention_heads * head_dim(hf) * tokens * (tokens + 1) // 2
+    return 2 * tokens * linear + 2 * h * hf.vocab_size + attention

@@ -21,11 +21,15 @@ import numpy as np
 
 
 def weight_bytes_per_token(sizes: dict[str, int], input_embedding: str, output: str) -> int:
-    """Bytes a decode step reads of weights stored as ``sizes`` (tensor name -> bytes); tensors are
-    recognised by the names given appearing in theirs (exporters add prefixes)."""
+    """Bytes a decode step reads of weights stored as ``sizes`` (tensor name -> bytes). A tensor is
+    the input embedding or the output projection when its name is the one given or ends with
+    "." and it (exporters add prefixes)."""
+    def named(name: str, key: str) -> bool:
+        return name == key or name.endswith("." + key)
+
     total = sum(sizes.values())
-    if any(output in name for name in sizes):
-        total -= sum(n for name, n in sizes.items() if input_embedding in name)
+    if any(named(name, output) for name in sizes):
+        total -= sum(n for name, n in sizes.items() if named(name, input_embedding))
     return total
 
 
@@ -34,16 +38,19 @@ class EngineRunner:
 
     def __init__(self, spec: dict[str, Any]):
         import qwen2c
-        from safetensors import safe_open
 
         self.engine = qwen2c.load(spec["path"])
         self.max_context = self.engine.max_context
-        with safe_open(str(Path(spec["path"]) / "model.safetensors"), "np") as f:
+
+    def describe(self) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.engine.directory / "model.safetensors"), "np") as f:
             sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
         nbytes = {k: int(np.prod(s)) * _SAFETENSORS_BYTES[dtypes[k]] for k, s in sizes.items()}
-        self.info = {"weight_bytes_per_token": weight_bytes_per_token(nbytes, "model.embed_tokens", "lm_head"),
-                     "dtype": self.engine.manifest["dtype"], "build_s": self.engine.manifest.get("build_seconds")}
+        return {"weight_bytes_per_token": weight_bytes_per_token(nbytes, "embed_tokens.weight", "lm_head.weight"),
+                "dtype": self.engine.manifest["dtype"], "build_s": self.engine.manifest.get("build_seconds")}
 
     def start(self) -> None:
         self.session = self.engine.session()
@@ -68,11 +75,12 @@ class EagerRunner:
         _, self.model = load_reference(resolve_model(spec["path"]), spec["dtype"], copies=1.2)
         self.max_context = spec.get("max_context") or self.model.config.max_position_embeddings
         self.forward = self.model
-        nbytes = {n: p.numel() * p.element_size() for n, p in self.model.named_parameters()}
-        if self.model.config.tie_word_embeddings:
-            nbytes.pop("lm_head.weight", None)
-        self.info = {"weight_bytes_per_token": weight_bytes_per_token(nbytes, "model.embed_tokens", "lm_head"),
-                     "dtype": spec["dtype"]}
+        self.dtype = spec["dtype"]
+
+    def describe(self) -> dict[str, Any]:
+        nbytes = {n: p.numel() * p.element_size() for n, p in self.model.named_parameters()}  # tied: listed once
+        return {"weight_bytes_per_token": weight_bytes_per_token(nbytes, "embed_tokens.weight", "lm_head.weight"),
+                "dtype": self.dtype}
 
     def start(self) -> None:
         from transformers import DynamicCache
@@ -134,16 +142,20 @@ class LlamaCppRunner:
 
     def __init__(self, spec: dict[str, Any]):
         import llama_cpp
-        from gguf import GGUFReader
 
         self._llama_cpp = llama_cpp
         self.max_context = spec["max_context"]
         self.llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=self.max_context, n_threads=spec["threads"],
                                    n_threads_batch=spec["threads"], n_batch=512, logits_all=False, verbose=False)
         self.n_vocab = self.llm.n_vocab()
-        sizes = {t.name: int(t.n_bytes) for t in GGUFReader(spec["path"]).tensors}
-        self.info = {"weight_bytes_per_token": weight_bytes_per_token(sizes, "token_embd", "output.weight"),
-                     "dtype": spec["dtype"]}
+        self.path, self.dtype = spec["path"], spec["dtype"]
+
+    def describe(self) -> dict[str, Any]:
+        from gguf import GGUFReader
+
+        sizes = {t.name: int(t.n_bytes) for t in GGUFReader(self.path).tensors}
+        return {"weight_bytes_per_token": weight_bytes_per_token(sizes, "token_embd.weight", "output.weight"),
+                "dtype": self.dtype}
 
     def start(self) -> None:
         self.llm.reset()
