@@ -125,11 +125,11 @@ def prompt_ids(vocab_size: int, length: int, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(0, min(vocab_size, 151643), length).tolist()
 
 
-def _groups(systems: list[System], budget: int) -> list[list[System]]:
-    """Systems whose workers can be alive at once within ``budget`` bytes, in order."""
+def _groups(peers: list[System], budget: int) -> list[list[System]]:
+    """Peers whose workers can be alive at once within ``budget`` bytes, in order."""
     groups: list[list[System]] = [[]]
     used = 0
-    for s in systems:
+    for s in peers:
         if groups[-1] and used + s.memory_bytes > budget:
             groups.append([])
             used = 0
@@ -140,20 +140,29 @@ def _groups(systems: list[System], budget: int) -> list[list[System]]:
 
 def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
         progress: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Measure every system; return the raw measurements, the limits and the run's conditions."""
+    """Measure every system; return the raw measurements, the limits and the run's conditions.
+
+    qwen2c's engines stay loaded for the whole run. When the peers do not all fit in memory beside
+    them, the peers come in groups that do, each group interleaved with the engines, so every peer
+    is compared with qwen2c under the same conditions (the engines then get a share of rounds with
+    each group, all kept).
+    """
     plan.check()
     log_dir.mkdir(parents=True, exist_ok=True)
     progress(f"measuring this machine's limits ({plan.threads} threads)")
     limits = [measure_limits(plan.threads)]
-    budget = available_bytes() - GIB
-    groups = _groups(systems, budget)
+    ours = [s for s in systems if s.family == "qwen2c"]
+    peers = [s for s in systems if s.family != "qwen2c"]
+    budget = available_bytes() - GIB - sum(s.memory_bytes for s in ours)
+    groups = _groups(peers, budget)
     if len(groups) > 1:
-        progress(f"not enough memory to hold all {len(systems)} systems at once: {len(groups)} groups, each "
-                 "interleaved within itself")
+        progress(f"not enough memory for all {len(peers)} peers at once: {len(groups)} groups, each interleaved "
+                 "with qwen2c's engines")
     raw: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
-    for group in groups:
-        workers: dict[str, Worker] = {}
+
+    def start(group: list[System]) -> dict[str, Worker]:
+        workers = {}
         for s in group:
             progress(f"loading {s.name}")
             w = Worker(s, plan.threads, log_dir, plan.timeout_s)
@@ -163,9 +172,22 @@ def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
                 w.close()
                 continue
             workers[s.name] = w
-        _rounds(workers, plan, vocab_size, raw, progress)
+        return workers
+
+    def stop(workers: dict[str, Worker]) -> None:
         for name, w in workers.items():
             raw[name]["peak_rss_bytes"] = w.close().get("peak_rss_bytes")
+
+    engines = start(ours)
+    try:
+        for group in groups:
+            workers = start(group)
+            try:
+                _rounds({**engines, **workers}, plan, vocab_size, raw, progress)
+            finally:
+                stop(workers)
+    finally:
+        stop(engines)
     progress("measuring this machine's limits again")
     limits.append(measure_limits(plan.threads))
     return {"raw": raw, "limits_runs": limits, "seconds": time.perf_counter() - started, "groups": len(groups)}

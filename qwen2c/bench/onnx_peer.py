@@ -115,3 +115,25 @@ def _initializer_bytes(tensor) -> int:
 
     n = int(np.prod(tensor.dims)) if tensor.dims else 1
     return n * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def export_in_child(source: str, out_dir: Path, max_context: int) -> float:
+    """``export_onnx`` in a child process, so the exporter's memory (a copy of the model, its traced
+    graph) is returned to the system before the benchmark's workers start. Raises Qwen2cError with
+    the exporter's last words when it fails."""
+    import subprocess
+    import sys
+
+    from ..errors import Qwen2cError
+
+    done = subprocess.run([sys.executable, "-m", "qwen2c.bench.onnx_peer", source, str(out_dir), str(max_context)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Qwen2cError(f"the ONNX export of {source} failed: {done.stderr.strip()[-800:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(export_onnx(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])))

@@ -106,18 +106,13 @@ def _weights_key(manifest: dict[str, Any]) -> str:
 
 
 def _onnx_system(engine: Path, manifest: dict[str, Any], cache: Path, progress) -> System:
-    from .onnx_peer import ONNX_FILE, export_onnx
+    from .onnx_peer import ONNX_FILE, export_in_child
 
     folder = cache / "onnx" / _weights_key(manifest)
     seconds = None
     if not (folder / ONNX_FILE).is_file():
         progress(f"exporting {engine} to ONNX (torch.onnx.export, dynamo, with the KV cache)")
-        try:
-            seconds = export_onnx(str(engine), folder, manifest["max_context"])
-        except Qwen2cError:
-            raise
-        except Exception as e:  # the exporter raises many kinds
-            raise Qwen2cError(f"the ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from None
+        seconds = export_in_child(str(engine), folder, manifest["max_context"])
     size = sum(p.stat().st_size for p in folder.iterdir())
     spec = {"kind": "onnxruntime", "path": str(folder / ONNX_FILE), "max_context": manifest["max_context"]}
     return System("onnxruntime float32", "onnxruntime", "float32", 32, spec, int(size * 1.5) + 600 * MIB, seconds,

@@ -55,9 +55,10 @@ def format_report(result: dict[str, Any]) -> str:
                     [[r["name"], str(r["bits"]), *(_cell_prefill(r["prefill"].get(str(n))) for n in plan["prefill"])]
                      for r in ok])
     lines += ["", "decode ms/token median/p90 after N tokens of context (% of bandwidth roofline, ± half the spread)"]
-    lines += _table(["system", "bits", *(f"after {c}" for c in plan["decode_contexts"])],
-                    [[r["name"], str(r["bits"]), *(_cell_decode(r["decode"].get(str(c))) for c in plan["decode_contexts"])]
-                     for r in ok])
+    first, last = str(plan["decode_contexts"][0]), str(plan["decode_contexts"][-1])
+    lines += _table(["system", "bits", *(f"after {c}" for c in plan["decode_contexts"]), f"{last} vs {first}"],
+                    [[r["name"], str(r["bits"]), *(_cell_decode(r["decode"].get(str(c))) for c in plan["decode_contexts"]),
+                      _slowdown(r["decode"].get(last), r["decode"].get(first))] for r in ok])
     lines += ["", "load; cold start (load + first 4-token call); warm time to first token; memory; preparation"]
     lines += _table(["system", "load s", "cold start s", "first token ms", "peak RSS MiB", "MB read/token", "prepared"],
                     [[r["name"], f"{r['load_s']:.1f}", f"{r['cold_first_token_s']:.1f}",
@@ -81,6 +82,12 @@ def format_report(result: dict[str, Any]) -> str:
     if result.get("skipped") or problems:
         lines += ["", *result.get("skipped", []), *problems]
     return "\n".join(lines)
+
+
+def _slowdown(late: dict[str, Any] | None, early: dict[str, Any] | None) -> str:
+    if not late or not early or "ms_per_token" not in late or "ms_per_token" not in early:
+        return "-"
+    return f"{late['ms_per_token'] / early['ms_per_token']:.2f}x"
 
 
 def _prepared(r: dict[str, Any]) -> str:
@@ -107,12 +114,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plan = result["plan"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
     families = sorted({r["family"] for r in rows}, key=lambda f: (f != "qwen2c", f))
-    colors = {f: plt.cm.tab10(i) for i, f in enumerate(families)}
-    styles = ["-", "--", ":", "-."]
-    for r in rows:
-        same = [x for x in rows if x["family"] == r["family"]]
-        style = dict(color=colors[r["family"]], linestyle=styles[same.index(r) % len(styles)], marker="o",
-                     linewidth=2.5 if r["family"] == "qwen2c" else 1.5)
+    family_colors = {f: plt.cm.tab10(i) for i, f in enumerate(families)}
+    markers = {f: "osD^vP*X"[i % 8] for i, f in enumerate(families)}
+    palette = (plt.cm.tab10 if len(rows) <= 10 else plt.cm.tab20).colors
+    for i, r in enumerate(rows):
+        style = dict(color=palette[i % len(palette)], marker=markers[r["family"]],
+                     linestyle="-" if r["family"] == "qwen2c" else "--", linewidth=2.5 if r["family"] == "qwen2c" else 1.3)
         for ax, kind, lengths in ((axes[0], "prefill", plan["prefill"]), (axes[1], "decode", plan["decode_contexts"])):
             points = [(n, r[kind][str(n)]["tok_s"]) for n in lengths if "tok_s" in r[kind].get(str(n), {})]
             if points:
@@ -122,7 +129,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         points = sorted((r["bits"], r["decode"][str(middle)]["tok_s"]) for r in rows
                         if r["family"] == f and "tok_s" in r["decode"].get(str(middle), {}))
         if points:
-            axes[2].plot(*zip(*points), label=f, color=colors[f], marker="o", linewidth=2.5 if f == "qwen2c" else 1.5)
+            axes[2].plot(*zip(*points), label=f, color=family_colors[f], marker=markers[f],
+                         linewidth=2.5 if f == "qwen2c" else 1.3)
     for ax, title, xlabel in ((axes[0], "prefill", "prompt tokens"), (axes[1], "decode, batch 1", "context tokens"),
                               (axes[2], f"decode after {middle} tokens", "weight bits")):
         ax.set_title(title)
@@ -131,7 +139,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
-    axes[2].set_xticks([4, 8, 16, 32], ["4", "8", "16", "32"])
+    for ax, ticks in ((axes[0], plan["prefill"]), (axes[1], plan["decode_contexts"]), (axes[2], [4, 8, 16, 32])):
+        ax.set_xticks(list(ticks), [str(t) for t in ticks])
+        ax.minorticks_off()
     m = result["machine"]
     fig.suptitle(f"{result.get('model', '')} on {m['cpu']}, {plan['threads']} threads; "
                  f"{result['limits']['bandwidth_GB_s']:.0f} GB/s read, "
