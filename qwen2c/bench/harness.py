@@ -249,7 +249,11 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
             row["prepare_s"], row["prepare_what"] = info["build_s"], "engine build (from its manifest)"
         peak = limits["gemm_GFLOP_s"]["float32" if s.bits == 32 else "bfloat16"]
         row["prefill"] = {}
-        for n, m in raw["prefill"].items():
+        # A decode measurement's prompt is a timed prefill too: a context not among the prefill
+        # lengths adds a point to the prefill curve for free (marked "from_decode").
+        prompts = {c: {"runs": [{"s": r["prompt_s"]} for r in m["runs"]], "from_decode": True}
+                   for c, m in raw["decode"].items() if "runs" in m and c not in raw["prefill"]}
+        for n, m in {**raw["prefill"], **prompts}.items():
             if "skipped" in m:
                 row["prefill"][n] = m
                 continue
@@ -258,7 +262,7 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
             flops = prefill_flops(config, int(n))
             row["prefill"][n] = {"tok_s": int(n) / med, "median_s": med, "runs_s": times,
                                  "spread": (max(times) - min(times)) / med,
-                                 "fraction_of_peak": flops / med / (peak * 1e9)}
+                                 "fraction_of_peak": flops / med / (peak * 1e9), "from_decode": "from_decode" in m}
         row["decode"] = {}
         floor_s = info["weight_bytes_per_token"] / (limits["bandwidth_GB_s"] * 1e9)
         for c, m in raw["decode"].items():
@@ -272,7 +276,7 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
                                 "tok_s": 1 / med, "round_medians_ms": [1e3 * t for t in per_round],
                                 "spread": (max(per_round) - min(per_round)) / med,
                                 "fraction_of_roofline": floor_s / med, "tokens": m["runs"][-1]["tokens"]}
-        shortest = min((int(n) for n, v in row["prefill"].items() if "tok_s" in v), default=None)
+        shortest = min((int(n) for n, v in row["prefill"].items() if "tok_s" in v and not v["from_decode"]), default=None)
         if shortest is not None:
             row["ttft_ms"] = {"prompt_tokens": shortest, "ms": 1e3 * row["prefill"][str(shortest)]["median_s"]}
         out.append(row)

@@ -51,9 +51,11 @@ def format_report(result: dict[str, Any]) -> str:
         "",
         "prefill tokens/s by prompt length (% of GEMM peak, ± half the spread across rounds)",
     ]
-    lines += _table(["system", "bits", *(f"{n} tokens" for n in plan["prefill"])],
-                    [[r["name"], str(r["bits"]), *(_cell_prefill(r["prefill"].get(str(n))) for n in plan["prefill"])]
-                     for r in ok])
+    lengths = prefill_lengths(result)
+    lines += _table(["system", "bits", *(f"{n} tokens" + ("*" if n not in plan["prefill"] else "") for n in lengths)],
+                    [[r["name"], str(r["bits"]), *(_cell_prefill(r["prefill"].get(str(n))) for n in lengths)] for r in ok])
+    if any(n not in plan["prefill"] for n in lengths):
+        lines.append("* the prompt of a decode measurement")
     lines += ["", "decode ms/token median/p90 after N tokens of context (% of bandwidth roofline, ± half the spread)"]
     first, last = str(plan["decode_contexts"][0]), str(plan["decode_contexts"][-1])
     lines += _table(["system", "bits", *(f"after {c}" for c in plan["decode_contexts"]), f"{last} vs {first}"],
@@ -68,12 +70,11 @@ def format_report(result: dict[str, Any]) -> str:
                      for r in ok])
     if result["ratios"]:
         lines += ["", "qwen2c over each peer at the same weight bits (> 1: qwen2c faster)"]
-        head = [*(f"prefill {n}" for n in plan["prefill"]), *(f"decode {c}" for c in plan["decode_contexts"]), "load",
+        head = [*(f"prefill {n}" for n in lengths), *(f"decode {c}" for c in plan["decode_contexts"]), "load",
                 "first token"]
         table = []
         for e in result["ratios"]:
-            cells = [e["prefill"].get(str(n)) for n in plan["prefill"]] + [e["decode"].get(str(c)) for c in
-                                                                         plan["decode_contexts"]]
+            cells = [e["prefill"].get(str(n)) for n in lengths] + [e["decode"].get(str(c)) for c in plan["decode_contexts"]]
             cells += [e.get("load"), e.get("ttft")]
             table.append([f"{e['qwen2c']} / {e['peer']}", *(f"{x:.2f}x" if x else "-" for x in cells)])
         lines += _table(["", *head], table)
@@ -82,6 +83,12 @@ def format_report(result: dict[str, Any]) -> str:
     if result.get("skipped") or problems:
         lines += ["", *result.get("skipped", []), *problems]
     return "\n".join(lines)
+
+
+def prefill_lengths(result: dict[str, Any]) -> list[int]:
+    """Prompt lengths with a prefill time: those asked for and the decode contexts' prompts."""
+    measured = {int(n) for r in result["systems"] if "error" not in r for n, v in r["prefill"].items() if "tok_s" in v}
+    return sorted(set(result["plan"]["prefill"]) | measured)
 
 
 def _slowdown(late: dict[str, Any] | None, early: dict[str, Any] | None) -> str:
@@ -120,7 +127,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(rows):
         style = dict(color=palette[i % len(palette)], marker=markers[r["family"]],
                      linestyle="-" if r["family"] == "qwen2c" else "--", linewidth=2.5 if r["family"] == "qwen2c" else 1.3)
-        for ax, kind, lengths in ((axes[0], "prefill", plan["prefill"]), (axes[1], "decode", plan["decode_contexts"])):
+        for ax, kind, lengths in ((axes[0], "prefill", prefill_lengths(result)), (axes[1], "decode", plan["decode_contexts"])):
             points = [(n, r[kind][str(n)]["tok_s"]) for n in lengths if "tok_s" in r[kind].get(str(n), {})]
             if points:
                 ax.plot(*zip(*points), label=r["name"], **style)
@@ -139,7 +146,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
-    for ax, ticks in ((axes[0], plan["prefill"]), (axes[1], plan["decode_contexts"]), (axes[2], [4, 8, 16, 32])):
+    for ax, ticks in ((axes[0], prefill_lengths(result)), (axes[1], plan["decode_contexts"]), (axes[2], [4, 8, 16, 32])):
         ax.set_xticks(list(ticks), [str(t) for t in ticks])
         ax.minorticks_off()
     m = result["machine"]

@@ -14,7 +14,6 @@ projection (a token reads one row of it).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
