@@ -91,6 +91,7 @@ def test_bench_times_every_system_on_the_same_model(tiny_run):
             p = row["prefill"][n]
             assert len(p["runs_s"]) == TINY_PLAN.rounds and p["tok_s"] > 0 and p["fraction_of_peak"] > 0
         assert "skipped" in row["prefill"]["100"]  # longer than the engine's 64-token context
+        assert row["prefill"]["16"]["from_decode"] and not row["prefill"]["8"]["from_decode"]
         for c in ("4", "16"):
             d = row["decode"][c]
             assert d["p90_ms"] >= d["ms_per_token"] > 0 and 0 < d["fraction_of_roofline"]
@@ -166,3 +167,20 @@ def test_llama_cpp_peer_runs_the_same_weights(tmp_path):
     # q4_0 (4.5 bits a weight); llama.cpp keeps the tied embedding/output table at a wider type.
     assert q4["weight_bytes_per_token"] < f32["weight_bytes_per_token"] / 3
     assert f32["decode"]["8"]["tokens"][:2] == ours["decode"]["8"]["tokens"][:2]
+
+
+def test_torch_compile_peer_continues_like_eager(tiny_engine):
+    """The torch.compile peer (StaticCache, explicit positions) generates what eager generates."""
+    from qwen2c.bench.runners import CompiledRunner, EagerRunner
+
+    spec = {"path": str(tiny_engine), "dtype": "float32", "threads": 1, "max_context": 64, "cache_len": 24}
+    runs = []
+    for runner in (EagerRunner(spec), CompiledRunner(spec)):
+        runner.start()
+        tokens = [runner.feed(list(range(3, 15)))]
+        for _ in range(3):
+            tokens.append(runner.feed([tokens[-1]]))
+        runner.start()  # a second sequence reuses the (reset) static cache
+        tokens.append(runner.feed(list(range(3, 15))))
+        runs.append(tokens)
+    assert runs[0] == runs[1] and runs[0][0] == runs[0][-1]

@@ -201,6 +201,7 @@ def _rounds(workers: dict[str, Worker], plan: Plan, vocab_size: int, raw: dict[s
         order = names[r % len(names):] + names[:r % len(names)] if names else []
         progress(f"round {r + 1}/{plan.rounds}")
         for op, n in items:
+            progress(f"    {op} {n}")
             ids = prompt_ids(vocab_size, n)
             for name in order:
                 w = workers[name]
