@@ -77,9 +77,14 @@ def run_bench(engines: list[Path], plan: Plan, out: Path, compare: bool = False,
                                             build_seconds or {}, progress)
     for line in skipped:
         progress(line)
-    measured = run(systems, plan, config["vocab_size"], out / "logs", progress)
+    about = dict(machine=machine(), skipped=skipped, model=_model_name(engines), engines=[str(e) for e in engines])
+
+    def save_partial(measured: dict[str, Any]) -> None:
+        write_json({**summarize(systems, measured, config, plan), **about, "complete": False}, out / "bench.json")
+
+    measured = run(systems, plan, config["vocab_size"], out / "logs", progress, save_partial)
     result = summarize(systems, measured, config, plan)
-    result.update(machine=machine(), skipped=skipped, model=_model_name(engines), engines=[str(e) for e in engines])
+    result.update(about, complete=True)
     if importlib.util.find_spec("matplotlib") is None:
         result["skipped"].append(f"plot: skipped, matplotlib not installed ({INSTALL})")
     else:

@@ -139,13 +139,15 @@ def _groups(peers: list[System], budget: int) -> list[list[System]]:
 
 
 def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
-        progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+        progress: Callable[[str], None] = log.info,
+        after_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure every system; return the raw measurements, the limits and the run's conditions.
 
     qwen2c's engines stay loaded for the whole run. When the peers do not all fit in memory beside
     them, the peers come in groups that do, each group interleaved with the engines, so every peer
     is compared with qwen2c under the same conditions (the engines then get a share of rounds with
-    each group, all kept).
+    each group, all kept). ``after_round`` gets the measurements so far after every round (a long
+    run keeps what it measured if it is stopped).
     """
     plan.check()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +185,9 @@ def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
         for group in groups:
             workers = start(group)
             try:
-                _rounds({**engines, **workers}, plan, vocab_size, raw, progress)
+                _rounds({**engines, **workers}, plan, vocab_size, raw, progress,
+                        lambda: after_round and after_round({"raw": raw, "limits_runs": limits, "groups": len(groups),
+                                                             "seconds": time.perf_counter() - started}))
             finally:
                 stop(workers)
     finally:
@@ -194,7 +198,7 @@ def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
 
 
 def _rounds(workers: dict[str, Worker], plan: Plan, vocab_size: int, raw: dict[str, Any],
-            progress: Callable[[str], None]) -> None:
+            progress: Callable[[str], None], after_round: Callable[[], Any]) -> None:
     names = list(workers)
     items = [("prefill", n) for n in plan.prefill] + [("decode", c) for c in plan.decode_contexts]
     for r in range(plan.rounds):
@@ -218,6 +222,7 @@ def _rounds(workers: dict[str, Worker], plan: Plan, vocab_size: int, raw: dict[s
                 else:
                     raw[name][op].setdefault(str(n), {"runs": []})["runs"].append(reply)
                 time.sleep(plan.settle_s)
+        after_round()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -234,6 +239,10 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
     limits = _limits(measured["limits_runs"])
     out = []
     for s in systems:
+        if s.name not in measured["raw"]:  # a partial result, written while the run goes on
+            out.append({"name": s.name, "family": s.family, "precision": s.precision, "bits": s.bits,
+                        "error": "not measured yet"})
+            continue
         raw = measured["raw"][s.name]
         load = raw["load"]
         row: dict[str, Any] = {"name": s.name, "family": s.family, "precision": s.precision, "bits": s.bits,
