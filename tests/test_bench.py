@@ -113,6 +113,8 @@ def test_bench_writes_json_table_and_plot(tiny_run):
     assert saved["systems"][0]["name"] == "qwen2c float32" and saved["machine"]["cpu"]
     text = format_report(result)
     assert "qwen2c float32 / transformers eager float32" in text and "n/a" in text
+    markdown = (out / "bench.md").read_text()
+    assert "| qwen2c float32 / transformers eager float32 |" in markdown and saved["complete"]
     ratio = next(e for e in result["ratios"] if e["peer"] == "transformers eager float32")
     rows = {r["name"]: r for r in result["systems"]}
     assert ratio["decode"]["16"] == pytest.approx(rows["qwen2c float32"]["decode"]["16"]["tok_s"]

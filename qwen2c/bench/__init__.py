@@ -85,6 +85,7 @@ def run_bench(engines: list[Path], plan: Plan, out: Path, compare: bool = False,
     measured = run(systems, plan, config["vocab_size"], out / "logs", progress, save_partial)
     result = summarize(systems, measured, config, plan)
     result.update(about, complete=True)
+    (out / "bench.md").write_text(format_report(result, markdown=True) + "\n")
     if importlib.util.find_spec("matplotlib") is None:
         result["skipped"].append(f"plot: skipped, matplotlib not installed ({INSTALL})")
     else:

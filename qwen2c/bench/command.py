@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for every system (default: all this process may use)")
-    p.add_argument("-o", "--output", default="bench-results", help="folder for bench.json, bench.png, logs")
+    p.add_argument("-o", "--output", default="bench-results", help="folder for bench.json, bench.md, bench.png, logs")
     p.add_argument("--cache", default=None, help="where ONNX exports and GGUFs are kept (default ~/.cache/qwen2c/bench)")
     p.add_argument("--dense-experts", action="store_true",
                    help="MoE engines: compare with the same model built to run all experts on every token")
@@ -77,5 +77,6 @@ def run_command(args, progress: Callable[[str], None]) -> int:
                        cache=Path(args.cache) if args.cache else DEFAULT_CACHE, build_seconds=seconds,
                        progress=progress)
     print(format_report(result))
-    print(f"\nwrote {out / 'bench.json'}" + (f" and {result['plot']}" if result.get("plot") else ""))
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'} (the tables in Markdown)"
+          + (f" and {result['plot']}" if result.get("plot") else ""))
     return 0

@@ -16,7 +16,9 @@ from typing import Any
 MIB = 1 << 20
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: list[str], rows: list[list[str]], markdown: bool = False) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
@@ -38,7 +40,8 @@ def _cell_decode(v: dict[str, Any] | None) -> str:
     return f"{v['ms_per_token']:.1f}/{v['p90_ms']:.1f} ({100 * v['fraction_of_roofline']:.0f}%, ±{50 * v['spread']:.0f}%)"
 
 
-def format_report(result: dict[str, Any]) -> str:
+def format_report(result: dict[str, Any], markdown: bool = False) -> str:
+    """The run as text tables (``markdown``: as Markdown tables, for a README)."""
     plan, limits, m = result["plan"], result["limits"], result["machine"]
     rows = result["systems"]
     ok = [r for r in rows if "error" not in r]
@@ -53,21 +56,21 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     lengths = prefill_lengths(result)
     lines += _table(["system", "bits", *(f"{n} tokens" + ("*" if n not in plan["prefill"] else "") for n in lengths)],
-                    [[r["name"], str(r["bits"]), *(_cell_prefill(r["prefill"].get(str(n))) for n in lengths)] for r in ok])
+                    [[r["name"], str(r["bits"]), *(_cell_prefill(r["prefill"].get(str(n))) for n in lengths)] for r in ok], markdown)
     if any(n not in plan["prefill"] for n in lengths):
         lines.append("* the prompt of a decode measurement")
     lines += ["", "decode ms/token median/p90 after N tokens of context (% of bandwidth roofline, ± half the spread)"]
     first, last = str(plan["decode_contexts"][0]), str(plan["decode_contexts"][-1])
     lines += _table(["system", "bits", *(f"after {c}" for c in plan["decode_contexts"]), f"{last} vs {first}"],
                     [[r["name"], str(r["bits"]), *(_cell_decode(r["decode"].get(str(c))) for c in plan["decode_contexts"]),
-                      _slowdown(r["decode"].get(last), r["decode"].get(first))] for r in ok])
+                      _slowdown(r["decode"].get(last), r["decode"].get(first))] for r in ok], markdown)
     lines += ["", "load; cold start (load + first 4-token call); warm time to first token; memory; preparation"]
     lines += _table(["system", "load s", "cold start s", "first token ms", "peak RSS MiB", "MB read/token", "prepared"],
                     [[r["name"], f"{r['load_s']:.1f}", f"{r['cold_first_token_s']:.1f}",
                       f"{r['ttft_ms']['ms']:.0f} ({r['ttft_ms']['prompt_tokens']} tok)" if r.get("ttft_ms") else "-",
                       f"{r['peak_rss_bytes'] / MIB:.0f}" if r.get("peak_rss_bytes") else "-",
                       f"{r['weight_bytes_per_token'] / 1e6:.4g}", _prepared(r)]
-                     for r in ok])
+                     for r in ok], markdown)
     if result["ratios"]:
         lines += ["", "qwen2c over each peer at the same weight bits (> 1: qwen2c faster)"]
         head = [*(f"prefill {n}" for n in lengths), *(f"decode {c}" for c in plan["decode_contexts"]), "load",
@@ -77,11 +80,18 @@ def format_report(result: dict[str, Any]) -> str:
             cells = [e["prefill"].get(str(n)) for n in lengths] + [e["decode"].get(str(c)) for c in plan["decode_contexts"]]
             cells += [e.get("load"), e.get("ttft")]
             table.append([f"{e['qwen2c']} / {e['peer']}", *(f"{x:.2f}x" if x else "-" for x in cells)])
-        lines += _table(["", *head], table)
+        lines += _table(["", *head], table, markdown)
     problems = [f"{r['name']}: {r['error'][-300:]}" for r in rows if "error" in r]
     problems += [f"{r['name']}: {e[-200:]}" for r in ok for e in r.get("errors", [])]
     if result.get("skipped") or problems:
         lines += ["", *result.get("skipped", []), *problems]
+    if markdown:  # a table needs a blank line before it, and so does the text after it
+        spaced: list[str] = []
+        for line in lines:
+            if spaced and spaced[-1] and line.startswith("|") != spaced[-1].startswith("|"):
+                spaced.append("")
+            spaced.append(line)
+        lines = spaced
     return "\n".join(lines)
 
 
