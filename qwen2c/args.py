@@ -5,6 +5,7 @@ Shared by the CLI and the Python API: each check names the option (CLI spelling)
 
 from __future__ import annotations
 
+import argparse
 import numbers
 
 from .errors import ConfigError
@@ -62,4 +63,15 @@ def decode_steps(value, context: int, option: str = "--decode-steps") -> int:
     if value > most:
         raise ConfigError(f"{option} {value} does not fit this engine's context of {context} tokens "
                           f"(at most {most}: the prompt needs {MIN_PARITY_PROMPT}).")
+    return value
+
+
+def cli_count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

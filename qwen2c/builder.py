@@ -224,6 +224,7 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
             f"not run ({spec.name} code does not run on this machine)"
         progress(f"    parity not run: {spec.name} engines do not run on this machine; `qwen2c verify` where they do "
                  "records it in the manifest")
+    manifest["build_seconds"] = round(time.monotonic() - clock.start, 1)  # reported by `qwen2c bench`
     return manifest
 
 

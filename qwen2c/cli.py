@@ -12,6 +12,7 @@ import logging
 import sys
 
 from . import __version__
+from .args import cli_count as _count
 from .errors import Qwen2cError
 
 log = logging.getLogger("qwen2c")
@@ -30,17 +31,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _count(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _context(text: str) -> int:
@@ -115,14 +105,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not write the result into the engine's manifest (default: record it)")
     v.add_argument("--trusted-key", action="append", default=None, metavar="PUBKEY",
                    help="refuse the engine unless this Ed25519 public key (PEM) signed it; repeatable")
-    be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
-                        description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
-    be.add_argument("engine", help="engine directory")
-    be.add_argument("--prompt-tokens", type=_count, default=128)
-    be.add_argument("--decode-tokens", type=_count, default=32)
-    be.add_argument("--repeats", type=_count, default=3)
-    be.add_argument("--dense-experts", action="store_true",
-                    help="MoE engines: compare with the same model built to run all experts on every token")
+    be = sub.add_parser("bench", help="an engine against its peers: prefill, decode, memory, vs this machine's limits",
+                        description="Time engines (and with --compare transformers, torch.compile, ONNX Runtime and "
+                                    "llama.cpp on the same weights), interleaved; a table, OUT/bench.json, OUT/bench.png.")
+    from .bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(be)
     pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
                         description="Copy engines, qwen2c, TVM's runtime (not its compiler) and tvm_ffi for a given "
                                     "Python into one folder that runs them offline, with numpy (and torch, "
@@ -256,14 +244,9 @@ def _inspect(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench, bench_moe_dispatch, format_bench, format_moe_bench
+    from .bench.command import run_command
 
-    if args.dense_experts:
-        result = bench_moe_dispatch(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
-        print(format_moe_bench(result))
-        return 0
-    print(format_bench(bench(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
-    return 0
+    return run_command(args, _progress)
 
 
 def _pack(args) -> int:

@@ -1,8 +1,6 @@
-"""``qwen2c bench``: an engine against transformers eager on the same weights, in one process.
-
-Both run on the same thread count (torch's intra-op threads are set to TVM's worker count). Each
-measurement is the median of ``repeats`` runs after one warm-up; results are reported as tokens/s
-and as the engine/eager ratio, never as pass/fail on wall-clock time.
+"""``qwen2c bench --dense-experts``: a MoE engine's sparse dispatch against the same model built to
+run every expert on every token, timed alternately in one process (median of ``repeats`` runs after
+one warm-up), reported as ratios.
 """
 
 from __future__ import annotations
@@ -14,17 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .checkpoint import load_reference, resolve_model
-from .parity import cache_kwargs, parity_prompt
-from .runtime import load
+from ..parity import parity_prompt
+from ..runtime import load
 
 
 def _check_counts(engine, prompt_tokens, decode_tokens, repeats) -> None:
     """Before any work: counts are integers >= 1, and the prompt plus decode steps fit the context."""
-    from .args import count
-    from .errors import ConfigError
+    from ..args import count
+    from ..errors import ConfigError
 
     prompt = count("--prompt-tokens", prompt_tokens)
     decode = count("--decode-tokens", decode_tokens)
@@ -50,63 +46,6 @@ def _median_of(timed, repeats: int) -> float:
     return statistics.median(timed() for _ in range(repeats))
 
 
-def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
-    from transformers import DynamicCache
-
-    engine = load(directory)
-    _check_counts(engine, prompt_tokens, decode_tokens, repeats)
-    _, model = load_reference(resolve_model(str(directory)), engine.manifest["dtype"], copies=2.2)
-    threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(threads)
-    prompt = parity_prompt(engine.vocab_size, prompt_tokens, seed=1)
-
-    def engine_prefill():
-        engine.session().prefill(prompt)
-
-    def eager_prefill():
-        with torch.no_grad():
-            model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-
-    def eager_decode() -> float:
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([prompt[:8]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-            start = time.perf_counter()
-            for _ in range(decode_tokens):
-                token = int(out.logits[0, -1].argmax())
-                out = model(input_ids=torch.tensor([[token]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-            return time.perf_counter() - start
-
-    with torch.no_grad():
-        t = {
-            "engine_prefill": _median_time(engine_prefill, repeats),
-            "eager_prefill": _median_time(eager_prefill, repeats),
-            # Decode steps only, after an 8-token prefill that is not timed.
-            "engine_decode": _median_of(lambda: _decode_run(engine, prompt[:8], decode_tokens), repeats),
-            "eager_decode": _median_of(eager_decode, repeats),
-        }
-    result = {
-        "threads": threads,
-        "prompt_tokens": prompt_tokens,
-        "decode_tokens": decode_tokens,
-        "prefill_tok_s": {"engine": prompt_tokens / t["engine_prefill"], "eager": prompt_tokens / t["eager_prefill"]},
-        "decode_tok_s": {"engine": decode_tokens / t["engine_decode"], "eager": decode_tokens / t["eager_decode"]},
-    }
-    result["prefill_speedup"] = result["prefill_tok_s"]["engine"] / result["prefill_tok_s"]["eager"]
-    result["decode_speedup"] = result["decode_tok_s"]["engine"] / result["decode_tok_s"]["eager"]
-    return result
-
-
-def format_bench(r: dict[str, Any]) -> str:
-    return "\n".join([
-        f"threads {r['threads']}, prompt {r['prompt_tokens']} tokens, {r['decode_tokens']} decode steps (median of runs)",
-        f"  prefill: engine {r['prefill_tok_s']['engine']:8.1f} tok/s   transformers eager {r['prefill_tok_s']['eager']:8.1f} tok/s   "
-        f"ratio {r['prefill_speedup']:.2f}x",
-        f"  decode : engine {r['decode_tok_s']['engine']:8.1f} tok/s   transformers eager {r['decode_tok_s']['eager']:8.1f} tok/s   "
-        f"ratio {r['decode_speedup']:.2f}x",
-    ])
-
-
 def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
                        progress=lambda msg: None) -> dict[str, Any]:
     """A sparse MoE engine against the same model compiled to run every expert on every token.
@@ -119,8 +58,8 @@ def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_t
 
     import tvm  # noqa: F401  (all of TVM, before load() would take the runtime only: this builds too)
 
-    from .builder import build
-    from .errors import ConfigError
+    from ..builder import build
+    from ..errors import ConfigError
 
     engine = load(directory)
     _check_counts(engine, prompt_tokens, decode_tokens, repeats)
