@@ -20,6 +20,8 @@ from .checkpoint import checkpoint_dtype, load_reference, resolve_model
 from .errors import BackendUnavailableError, ConfigError, ParityError
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
+from .quant_parity import check_quantized_parity, format_quantized_report
+from .quantization import QWEIGHT, SCALES, quantization_manifest, quantized_names, weight_format, weight_formats
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ def build(
     moe_dispatch: str = "sparse",
     arch: str | None = None,
     progress: Callable[[str], None] = log.info,
+    quantize: str | None = None,
+    group_size: int | str | None = None,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -46,6 +50,8 @@ def build(
     checkpoint's, bfloat16 for presets). ``arch`` (GPU targets): comma-separated architectures.
     ``moe_dispatch`` (MoE models): "sparse" computes each token's routed experts only; "dense" runs
     every expert on every token, weighted 0 where unrouted (a baseline for benchmarks).
+    ``quantize`` ("int8", "int4"; None or "none": not quantized) and ``group_size`` (32, 64): weight-only
+    quantization (``quantization.py``); parity then measures what it costs (``quant_parity.py``).
     """
     import transformers
     import tvm
@@ -69,6 +75,7 @@ def build(
         raise ConfigError(f"--dtype {dtype!r}: qwen2c builds {', '.join(SUPPORTED_DTYPES)} engines.")
     if moe_dispatch not in MOE_DISPATCHES:
         raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
+    fmt = weight_format(quantize, group_size)
     spec = TARGETS.resolve(target, arch)
     linker = linker_for(spec)  # fails fast when the library could not be linked here
     check_device_toolchain(spec)  # likewise for device code (nvcc for CUDA, ld.lld for ROCm)
@@ -95,8 +102,12 @@ def build(
     reports = run_passes(program, config, dtype)
     for r in reports:
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
+    formats = weight_formats(program, fmt) if fmt else None
+    if fmt:
+        n = sum(f is not None for f in formats)
+        progress(f"    weights: {fmt.scheme}, groups of {fmt.group}, {n} of {len(formats)} tensors quantized")
     clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
-    module = build_relax_module(program, config, dtype, moe_dispatch)
+    module = build_relax_module(program, config, dtype, moe_dispatch, formats)
     compiled = compile_module(module, spec)
     if compiled.launches:
         n = compiled.launches
@@ -108,7 +119,7 @@ def build(
     try:
         clock.step("writing the engine")
         device_code = write_library(compiled.executable, spec, staging / engine_dir.LIBRARY, linker, progress)
-        params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
+        params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS, formats)
         cfg = dict(source.config)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
@@ -127,6 +138,7 @@ def build(
             "passes": [r.to_json() for r in reports],
             "params": params,
             "tokenizer": tokenizer,
+            "quantization": quantization_manifest(fmt, program, formats, source) if fmt else None,
             "parity": None,
         }
         engine_dir.write_manifest(staging, manifest)
@@ -134,10 +146,20 @@ def build(
             from .runtime import Engine
             from .verify import TORCH_DEVICES
 
-            clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
             reference = reference.to(TORCH_DEVICES.get(spec.device, "cpu"))  # on the engine's device
-            report = check_parity(Engine(staging), reference, dtype, decode_steps=parity_steps)
-            progress(format_report(report))
+            if fmt:
+                clock.step(f"measuring what {fmt.scheme} costs against the float model and llama.cpp's format")
+                report = check_quantized_parity(Engine(staging), reference, fmt, quantized_names(program, formats),
+                                                dtype)
+                progress(format_quantized_report(report))
+                if not report["passed"]:
+                    raise ParityError(
+                        f"the {fmt.scheme} engine costs more than the stated limits allow "
+                        f"({'; '.join(report['failures'])}); no engine was written.\n" + format_quantized_report(report))
+            else:
+                clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
+                report = check_parity(Engine(staging), reference, dtype, decode_steps=parity_steps)
+                progress(format_report(report))
             if not report["passed"]:
                 raise ParityError(
                     f"the engine's logits disagree with transformers beyond the {dtype} tolerance "
@@ -166,19 +188,30 @@ def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
             "num_experts_per_tok": config.num_experts_per_tok, "norm_topk_prob": bool(config.norm_topk_prob)}
 
 
-def _save_weights(program, names: list[tuple[str, str]], path: Path) -> list[dict[str, str]]:
-    """Write the program's parameters once each (tied weights share a key); return the call order."""
+def _save_weights(program, names: list[tuple[str, str]], path: Path, formats=None) -> list[dict[str, str]]:
+    """Write the program's parameters once each (tied weights share a key); return the call order.
+
+    A weight with a format (``formats[i]``) is written quantized, as ``<name>.qweight`` and
+    ``<name>.scales``, in that order (``targets/tvm/quantized_params.py``).
+    """
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     key_of: dict[int, str] = {}
     order = []
-    for placeholder, name in names:
+    for i, (placeholder, name) in enumerate(names):
         tensor = program.state_dict[f"model.{name}"]
         key = key_of.setdefault(tensor.data_ptr(), name)
+        fmt = formats[i] if formats else None
+        if fmt is None:
+            if key == name:
+                tensors[name] = tensor.detach().contiguous()
+            order.append({"name": name, "key": key})
+            continue
         if key == name:
-            tensors[name] = tensor.detach().contiguous()
-        order.append({"name": name, "key": key})
+            q, scales = fmt.quantize(tensor)
+            tensors[name + QWEIGHT], tensors[name + SCALES] = torch.from_numpy(q), torch.from_numpy(scales)
+        order += [{"name": name + QWEIGHT, "key": key + QWEIGHT}, {"name": name + SCALES, "key": key + SCALES}]
     save_file(tensors, str(path), metadata={"format": "pt"})
     return order
 

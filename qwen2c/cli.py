@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--moe-dispatch", choices=("sparse", "dense"), default="sparse",
                    help="MoE models: 'sparse' runs each token's routed experts only (default); 'dense' runs every "
                         "expert on every token (a baseline for benchmarks)")
+    b.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantization: int8 or int4, symmetric, one float16 scale per group of inputs "
+                        "(default none); the embedding, vocabulary projection and MoE experts included")
+    b.add_argument("--group-size", type=int, default=None, choices=(32, 64),
+                   help="inputs per quantization scale (default 32, as llama.cpp's Q8_0/Q4_0)")
 
     i = sub.add_parser("inspect", help="trace and rewrite a model at full size without loading weights",
                        description="Export a model on meta tensors (no memory for weights), run the graph passes "
@@ -57,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--decode-steps", type=int, default=8)
     v.add_argument("--no-record", action="store_true",
                    help="do not write the result into the engine's manifest (default: record it)")
+    v.add_argument("--reference", default=None,
+                   help="quantized engines: the float checkpoint (or preset) they were quantized from, when it is "
+                        "no longer where the manifest's quantization.float_reference says")
     be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
                         description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
     be.add_argument("engine", help="engine directory")
@@ -112,7 +120,7 @@ def _build(args) -> int:
 
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
-                     arch=args.arch, progress=_progress)
+                     arch=args.arch, progress=_progress, quantize=args.quantize, group_size=args.group_size)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
@@ -145,10 +153,10 @@ def _run(args) -> int:
 def _verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record)
-    from .parity import format_report
+    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record, reference=args.reference)
+    from .verify import format_verify
 
-    print(format_report(report))
+    print(format_verify(report))
     return 0 if report["passed"] else 3
 
 

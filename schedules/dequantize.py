@@ -1,0 +1,76 @@
+"""Reading quantized weights inside kernels (layouts: ``qwen2c/quantization.py``).
+
+``element(q, s, bits, group, *lead, k)`` is the float32 value of weight ``[*lead, k]`` as an
+expression on the packed buffer ``q`` and the scales ``s``: kernels use it where they would load a
+float weight, so the weight is dequantized in registers and never stored. Also here: the two
+kernels every device kind shares, written as plain TIR for the device's scheduler:
+
+- ``take_kernel``: the embedding gather of quantized rows (CPU: ``cpu_injective``; GPU: DLight);
+- ``gpu_matmul_kernel``: the dequantize and the NT matmul as two blocks of one function, the form
+  FuseOps/FuseTIR give a fused dequantize-matmul, which DLight's GEMV (decode) and Matmul (prompts)
+  rules schedule with the dequantize inlined into the weight loads.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+INT4_BLOCK = 32
+
+
+def int4_byte(k):
+    """Byte of input ``k`` in its row, and the shift of its nibble (see quantization.py)."""
+    return k // INT4_BLOCK * (INT4_BLOCK // 2) + k % (INT4_BLOCK // 2), k // (INT4_BLOCK // 2) % 2 * 4
+
+
+def nibble_value(byte, shift):
+    """float32 (nibble - 8) of an int4 byte read."""
+    return tirx.Cast("float32", (tirx.Cast("int32", byte) >> shift) & 15) - tirx.const(8, "float32")
+
+
+def element(q, s, bits: int, group: int, *index):
+    """float32 weight ``[*lead, k]`` read from ``q`` (packed) and ``s`` (scales)."""
+    *lead, k = index
+    scale = tirx.Cast("float32", s[(*lead, k // group)])
+    if bits == 8:
+        return tirx.Cast("float32", q[(*lead, k)]) * scale
+    byte, shift = int4_byte(k)
+    return nibble_value(q[(*lead, byte)], shift) * scale
+
+
+def stored_shapes(n: int, k: int, bits: int, group: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    return (n, k if bits == 8 else k // 2), (n, k // group)
+
+
+def qdtype(bits: int) -> str:
+    return "int8" if bits == 8 else "uint8"
+
+
+def take_kernel(rows: int, k: int, bits: int, group: int, dtype: str, ids_dtype: str = "int32"):
+    """``(q[rows, .], scales[rows, .], ids[n]) -> out[n, k]``: the embedding of each id, dequantized."""
+    q_shape, s_shape = stored_shapes(rows, k, bits, group)
+    n = tirx.Var("n", "int64")
+    q = te.placeholder(q_shape, qdtype(bits), name="q")
+    s = te.placeholder(s_shape, "float16", name="scales")
+    ids = te.placeholder((n,), ids_dtype, name="ids")
+    out = te.compute((n, k), lambda t, j: element(q, s, bits, group, tirx.Cast("int64", ids[t]), j).astype(dtype),
+                     name="dequantize_take")
+    return te.create_prim_func([q, s, ids, out]).with_attr("global_symbol", "q_take")
+
+
+def gpu_matmul_kernel(k: int, n: int, bits: int, group: int, dtype: str, rows=None):
+    """``(x[1, m, k], q, scales) -> y[1, m, n]``: dequantize block + NT matmul block, float32 sums.
+
+    ``rows``: m when static (decode: 1, which DLight schedules as a GEMV), else symbolic.
+    """
+    m = tirx.Var("m", "int64") if rows is None else rows
+    q_shape, s_shape = stored_shapes(n, k, bits, group)
+    x = te.placeholder((1, m, k), dtype, name="x")
+    q = te.placeholder(q_shape, qdtype(bits), name="q")
+    s = te.placeholder(s_shape, "float16", name="scales")
+    w = te.compute((n, k), lambda j, i: element(q, s, bits, group, j, i).astype(dtype), name="dequantize")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute((1, m, n), lambda b, i, j: te.sum(x[b, i, r].astype("float32") * w[j, r].astype("float32"),
+                                                       axis=r), name="NT_matmul")
+    out = acc if dtype == "float32" else te.compute((1, m, n), lambda b, i, j: acc[b, i, j].astype(dtype), name="cast")
+    return te.create_prim_func([x, q, s, out]).with_attr("global_symbol", "q_matmul")
