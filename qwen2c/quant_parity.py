@@ -9,7 +9,8 @@ tokenizer, else seeded random ids), each next-token distribution is compared wit
 
 The same figures are computed for transformers running llama.cpp's format at the same bits
 (``gguf.quants``, llama.cpp's own reference code: Q8_0 for int8, Q4_0 for int4, 32-input blocks
-with a float16 scale) on exactly the weights the engine quantizes. The engine passes when its KL is
+with a float16 scale) on exactly the weights the engine quantizes, with activations in the
+engine's dtype (the engine's figures include its activations' rounding too). The engine passes when its KL is
 at most ``QUANT_LIMITS[scheme].kl_factor`` times llama.cpp's (or below a floor) and below an absolute
 cap, and its top-1 agreement is at most ``top1_margin`` below llama.cpp's (``tolerances.py``).
 
@@ -78,15 +79,16 @@ def engine_logits(engine, tokens: list[int]) -> np.ndarray:
     out = [session.prefill(tokens[:1])]
     for t in tokens[1:-1]:
         out.append(session.decode(t))
-    return np.stack(out)
+    return np.stack(out).astype(np.float32)
 
 
-def reference_logits(model, tokens: list[int]) -> torch.Tensor:
+def reference_logits(model, tokens: list[int], float32: bool = True) -> torch.Tensor:
     """transformers' next-token logits at every position, computed in float32 whatever the weights'
-    dtype (a half-precision model is upcast one module at a time: ``parity.running_in_float32``)."""
+    dtype (a half-precision model is upcast one module at a time: ``parity.running_in_float32``), or
+    with ``float32=False`` in the weights' dtype."""
     device = next(model.parameters()).device
     half = next(model.parameters()).dtype != torch.float32
-    with torch.no_grad(), (running_in_float32(model) if half else contextlib.nullcontext()):
+    with torch.no_grad(), (running_in_float32(model) if half and float32 else contextlib.nullcontext()):
         logits = model(input_ids=torch.tensor([tokens[:-1]], device=device), use_cache=False).logits[0]
     return logits.float().cpu()
 
@@ -147,7 +149,8 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, quantized: set[str]
     with weights_replaced(model, ours_dequantized):
         own = reference_logits(model, tokens)
     with weights_replaced(model, llama_cpp):
-        theirs = reference_logits(model, tokens)
+        # In the engine's dtype, as the engine runs (llama.cpp itself rounds activations to 8 bits).
+        theirs = reference_logits(model, tokens, float32=False)
 
     # The kernels against transformers on the same (dequantized) weights: float error only.
     err, _, scale = compare(ours, own.numpy())
@@ -155,7 +158,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, quantized: set[str]
     kernels_ok = tol.allows(err, scale)
     limits = QUANT_LIMITS[fmt.scheme]
     engine_figures, llama_figures = divergence(reference, ours), divergence(reference, theirs)
-    verdict = limits.judge(engine_figures, llama_figures)
+    verdict = limits.judge(engine_figures, llama_figures, len(tokens) - 1)
     return {
         "kind": "quantized",
         "dtype": dtype,

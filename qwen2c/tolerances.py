@@ -48,7 +48,7 @@ class QuantLimit:
     kl_cap: float
     top1_margin: float
 
-    def judge(self, ours: dict, llama_cpp: dict) -> list[str]:
+    def judge(self, ours: dict, llama_cpp: dict, positions: int) -> list[str]:
         failures = []
         allowed = max(self.kl_factor * llama_cpp["kl"], self.kl_floor)
         if ours["kl"] > allowed:
@@ -56,15 +56,19 @@ class QuantLimit:
                             f"(floor {self.kl_floor:g})")
         if ours["kl"] > self.kl_cap:
             failures.append(f"KL {ours['kl']:.3e} exceeds the cap {self.kl_cap:g}")
-        if ours["top1"] < llama_cpp["top1"] - self.top1_margin:
-            failures.append(f"top-1 agreement {ours['top1']:.1%} is more than {self.top1_margin:.0%} below "
-                            f"llama.cpp's {llama_cpp['top1']:.1%}")
+        # Top-1 agreement over n positions is a proportion: two standard errors of it are noise, not cost
+        # (random-weight models, whose distributions are nearly flat, agree on ~70% of positions).
+        p = llama_cpp["top1"]
+        noise = 2 * (p * (1 - p) / max(positions, 1)) ** 0.5
+        if ours["top1"] < p - self.top1_margin - noise:
+            failures.append(f"top-1 agreement {ours['top1']:.1%} is more than {self.top1_margin:.0%} (+{noise:.1%} "
+                            f"sampling noise) below llama.cpp's {p:.1%}")
         return failures
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "text": (
             f"KL <= max({self.kl_factor:g} x llama.cpp's, {self.kl_floor:g}) and <= {self.kl_cap:g}; top-1 >= "
-            f"llama.cpp's - {self.top1_margin:.0%}")}
+            f"llama.cpp's - {self.top1_margin:.0%} - 2 standard errors of it")}
 
 
 # The factor leaves room for a different rounding of the same error (our int4 scales are searched,
