@@ -55,7 +55,7 @@ def take_kernel(rows: int, k: int, bits: int, group: int, dtype: str, ids_dtype:
     ids = te.placeholder((n,), ids_dtype, name="ids")
     out = te.compute((n, k), lambda t, j: element(q, s, bits, group, tirx.Cast("int64", ids[t]), j).astype(dtype),
                      name="dequantize_take")
-    return te.create_prim_func([q, s, ids, out]).with_attr("global_symbol", "q_take")
+    return te.create_prim_func([q, s, ids, out]).without_attr("global_symbol")
 
 
 def gpu_matmul_kernel(k: int, n: int, bits: int, group: int, dtype: str, rows=None):
@@ -68,9 +68,11 @@ def gpu_matmul_kernel(k: int, n: int, bits: int, group: int, dtype: str, rows=No
     x = te.placeholder((1, m, k), dtype, name="x")
     q = te.placeholder(q_shape, qdtype(bits), name="q")
     s = te.placeholder(s_shape, "float16", name="scales")
-    w = te.compute((n, k), lambda j, i: element(q, s, bits, group, j, i).astype(dtype), name="dequantize")
+    w = te.compute((n, k), lambda j, i: element(q, s, bits, group, j, i), name="dequantize")  # float32
     r = te.reduce_axis((0, k), name="k")
-    acc = te.compute((1, m, n), lambda b, i, j: te.sum(x[b, i, r].astype("float32") * w[j, r].astype("float32"),
-                                                       axis=r), name="NT_matmul")
+    acc = te.compute((1, m, n), lambda b, i, j: te.sum(x[b, i, r].astype("float32") * w[j, r], axis=r), name="NT_matmul")
     out = acc if dtype == "float32" else te.compute((1, m, n), lambda b, i, j: acc[b, i, j].astype(dtype), name="cast")
-    return te.create_prim_func([x, q, s, out]).with_attr("global_symbol", "q_matmul")
+    func = te.create_prim_func([x, q, s, out]).without_attr("global_symbol")
+    # Not fused with its neighbours: TVM 0.27's FuseTIR fails on a half-precision one followed by a
+    # bias add ("Inconsistent buffers cast and lv.. mapped to the same relax var").
+    return func if dtype == "float32" else func.with_attr("op_pattern", 8)
