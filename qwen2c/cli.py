@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                         "no longer where the manifest's quantization.float_reference says")
     be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
                         description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
-    be.add_argument("engine", help="engine directory")
+    be.add_argument("engine", nargs="+",
+                    help="engine directory; several: their decode speed side by side, against the memory roofline of "
+                         "the bytes each reads per token (e.g. float32, int8 and int4 builds of one model)")
     be.add_argument("--prompt-tokens", type=int, default=128)
     be.add_argument("--decode-tokens", type=int, default=32)
     be.add_argument("--repeats", type=int, default=3)
@@ -170,6 +172,12 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     from .bench import bench, bench_moe_dispatch, format_bench, format_moe_bench
 
+    if len(args.engine) > 1:
+        from .bench_decode import bench_decode, format_bench_decode
+
+        print(format_bench_decode(bench_decode(args.engine, args.decode_tokens, args.repeats)))
+        return 0
+    args.engine = args.engine[0]
     if args.dense_experts:
         result = bench_moe_dispatch(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
         print(format_moe_bench(result))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .cpu_matmul import TILE_COLS
-from .dequantize import INT4_BLOCK, nibble_value, qdtype, stored_shapes
+from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 
 # Vectors per group unrolled up to this many (a per-channel int8 "group" is a whole row: a loop).
 _UNROLL = 8
@@ -49,7 +49,9 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
         byte = g * (G // T.int64(2)) + first // T.int64(INT4_BLOCK) * T.int64(INT4_BLOCK // 2) + first % T.int64(
             INT4_BLOCK // 2) + v
         shift = T.Cast("int32", first // T.int64(INT4_BLOCK // 2) % T.int64(2) * T.int64(4))
-        return nibble_value(q[j, byte], shift) * scale
+        # nibble * scale - 8 * scale: one fused multiply-add per vector (the second term is per group).
+        nibble = T.Cast("float32", T.bitwise_and(T.shift_right(T.Cast("int32", q[j, byte]), shift), 15))
+        return nibble * scale + scale * T.float32(-8)
 
     @T.macro
     def group_step(A, q, s, acc, w, io, jo, g, sub, m):
