@@ -21,7 +21,7 @@ from .errors import BackendUnavailableError, ConfigError, ParityError
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .quant_parity import check_quantized_parity, format_quantized_report
-from .quantization import QWEIGHT, SCALES, quantization_manifest, quantized_names, weight_format, weight_formats
+from .quantization import QWEIGHT, SCALES, quantization_manifest, weight_format, weight_formats
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ def build(
             reference = reference.to(TORCH_DEVICES.get(spec.device, "cpu"))  # on the engine's device
             if fmt:
                 clock.step(f"measuring what {fmt.scheme} costs against the float model and llama.cpp's format")
-                report = check_quantized_parity(Engine(staging), reference, fmt, quantized_names(program, formats),
-                                                dtype)
+                report = check_quantized_parity(Engine(staging), reference, fmt, dtype)
                 progress(format_quantized_report(report))
                 if not report["passed"]:
                     raise ParityError(

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .parity import parity_prompt, running_in_float32
-from .quantization import WeightFormat
+from .quantization import QWEIGHT, SCALES, WeightFormat
 from .tolerances import QUANT_LIMITS, compare, tolerance_for
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,18 @@ def measurement_tokens(engine, positions: int) -> tuple[list[int], str]:
     if len(ids) >= n:
         return ids[:n], "English passage"
     return parity_prompt(engine.vocab_size, n, seed=3), "seeded random token ids"
+
+
+def stored_quantized(engine) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The engine's quantized weights as its weights file holds them: transformers name -> (q, scales)."""
+    from safetensors.numpy import load_file
+
+    from .engine_dir import WEIGHTS
+
+    tensors = load_file(str(engine.directory / WEIGHTS))
+    keys = {p["name"]: p["key"] for p in engine.manifest["params"]}
+    return {name.removesuffix(QWEIGHT): (tensors[key], tensors[keys[name.removesuffix(QWEIGHT) + SCALES]])
+            for name, key in keys.items() if name.endswith(QWEIGHT)}
 
 
 def engine_logits(engine, tokens: list[int]) -> np.ndarray:
@@ -123,20 +135,20 @@ def weights_replaced(model, replace):
                 params[name].copy_(value)
 
 
-def check_quantized_parity(engine, model, fmt: WeightFormat, quantized: set[str], dtype: str,
+def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
                            positions: int = DEFAULT_POSITIONS) -> dict[str, Any]:
-    """Measure ``engine`` (quantized as ``fmt``; ``quantized``: the transformers names of its quantized
-    weights) against ``model`` (transformers, float weights, ``dtype``) and llama.cpp's format."""
+    """Measure ``engine`` (quantized as ``fmt``) against ``model`` (transformers, float weights,
+    ``dtype``) and llama.cpp's format on the same weights."""
     from gguf import GGMLQuantizationType, quants
 
     tokens, what = measurement_tokens(engine, positions)
     reference = reference_logits(model, tokens)
     ours = engine_logits(engine, tokens)
+    stored = stored_quantized(engine)
+    quantized = set(stored)
 
     def ours_dequantized(name, p):
-        if name not in quantized:
-            return None
-        return fmt.dequantize(*fmt.quantize(p))
+        return fmt.dequantize(*stored[name]) if name in stored else None
 
     gguf_type = GGMLQuantizationType[GGUF_TYPES[fmt.scheme]]
 

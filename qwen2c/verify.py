@@ -21,7 +21,7 @@ from .checkpoint import load_reference, resolve_model
 from .errors import ConfigError
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .quant_parity import check_quantized_parity, format_quantized_report
-from .quantization import QWEIGHT, from_manifest
+from .quantization import from_manifest
 from .runtime import load
 
 TORCH_DEVICES = {"cpu": "cpu", "cuda": "cuda", "rocm": "cuda"}  # PyTorch's ROCm build calls its GPUs "cuda"
@@ -38,9 +38,7 @@ def verify(directory: str | Path, decode_steps: int = DEFAULT_DECODE_STEPS, reco
         source = _float_reference(directory, quantized, reference)
         # The float reference, and its copy of the quantized weights while llama.cpp's format runs.
         _, model = load_reference(source, dtype, copies=1.2 if on_gpu else 2.4)
-        fmt = from_manifest(quantized)
-        names = {p["name"].removesuffix(QWEIGHT) for p in engine.manifest["params"] if p["name"].endswith(QWEIGHT)}
-        report = check_quantized_parity(engine, model.to(device), fmt, names, dtype)
+        report = check_quantized_parity(engine, model.to(device), from_manifest(quantized), dtype)
         if record:
             engine_dir.record_in_manifest(Path(directory), "parity", report)
         return report
