@@ -41,7 +41,10 @@ def bench(directory: str | Path, prompt_tokens: int = 128, decode_tokens: int = 
     from transformers import DynamicCache
 
     engine = load(directory)
-    _, model = load_reference(resolve_model(str(directory)), engine.manifest["dtype"], copies=2.2)
+    # A quantized engine's weights file is not a checkpoint: eager runs the float model it came from.
+    quantized = engine.manifest.get("quantization")
+    source = quantized["float_reference"] if quantized else str(directory)
+    _, model = load_reference(resolve_model(source), engine.manifest["dtype"], copies=2.2)
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     prompt = parity_prompt(engine.vocab_size, prompt_tokens, seed=1)

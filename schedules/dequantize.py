@@ -61,17 +61,20 @@ def take_kernel(rows: int, k: int, bits: int, group: int, dtype: str, ids_dtype:
 def gpu_matmul_kernel(k: int, n: int, bits: int, group: int, dtype: str, rows=None):
     """``(x[1, m, k], q, scales) -> y[1, m, n]``: dequantize block + NT matmul block, float32 sums.
 
-    ``rows``: m when static (decode: 1, which DLight schedules as a GEMV), else symbolic.
+    ``rows``: m when static (decode: 1, which DLight schedules as a GEMV), else symbolic. Every extent
+    is int64, as in the legalized matmuls DLight expects (mixed int32/int64 indices fail its rules).
     """
-    m = tirx.Var("m", "int64") if rows is None else rows
-    q_shape, s_shape = stored_shapes(n, k, bits, group)
-    x = te.placeholder((1, m, k), dtype, name="x")
-    q = te.placeholder(q_shape, qdtype(bits), name="q")
-    s = te.placeholder(s_shape, "float16", name="scales")
-    w = te.compute((n, k), lambda j, i: element(q, s, bits, group, j, i), name="dequantize")  # float32
-    r = te.reduce_axis((0, k), name="k")
-    acc = te.compute((1, m, n), lambda b, i, j: te.sum(x[b, i, r].astype("float32") * w[j, r], axis=r), name="NT_matmul")
-    out = acc if dtype == "float32" else te.compute((1, m, n), lambda b, i, j: acc[b, i, j].astype(dtype), name="cast")
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    m = tirx.Var("m", "int64") if rows is None else i64(rows)
+    (qn, qk), (sn, sk) = stored_shapes(n, k, bits, group)
+    x = te.placeholder((i64(1), m, i64(k)), dtype, name="x")
+    q = te.placeholder((i64(qn), i64(qk)), qdtype(bits), name="q")
+    s = te.placeholder((i64(sn), i64(sk)), "float16", name="scales")
+    w = te.compute((i64(n), i64(k)), lambda j, i: element(q, s, bits, group, j, i), name="dequantize")  # float32
+    r = te.reduce_axis((i64(0), i64(k)), name="k")
+    acc = te.compute((i64(1), m, i64(n)), lambda b, i, j: te.sum(x[b, i, r].astype("float32") * w[j, r], axis=r),
+                     name="NT_matmul")
+    out = acc if dtype == "float32" else te.compute(acc.shape, lambda b, i, j: acc[b, i, j].astype(dtype), name="cast")
     func = te.create_prim_func([x, q, s, out]).without_attr("global_symbol")
     # Not fused with its neighbours: TVM 0.27's FuseTIR fails on a half-precision one followed by a
     # bias add ("Inconsistent buffers cast and lv.. mapped to the same relax var").
