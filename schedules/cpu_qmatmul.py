@@ -30,10 +30,13 @@ def lanes(k: int, bits: int, group: int, vector: int) -> int:
     return v
 
 
-def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_rows: int,
-                    tile_cols: int = TILE_COLS, dtype: str = "float32"):
-    """A PrimFunc ``(x[1, m, k], q, scales) -> y[1, m, n]`` in ``dtype``, summed in float32."""
+def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_rows: int, dtype: str = "float32"):
+    """A PrimFunc ``(x[1, m, k], q, scales) -> y[1, m, n]`` in ``dtype``, summed in float32.
+
+    ``k`` must be a multiple of ``group`` (and, for int4, of 32: ``WeightFormat.refusal``).
+    """
     v_lanes = lanes(k, bits, group, vector)
+    tile_cols = next(c for c in (TILE_COLS, 2, 1) if n % c == 0)
     (_, kq), (_, ng) = stored_shapes(n, k, bits, group)
     K, N, TI, TJ, V = (T.int64(x) for x in (k, n, tile_rows, tile_cols, v_lanes))
     G, NG, KQ = T.int64(group), T.int64(ng), T.int64(kq)
@@ -96,6 +99,3 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
 
     return q_matmul
 
-
-def fits(k: int, n: int, bits: int, group: int) -> bool:
-    return n % TILE_COLS == 0 and k % group == 0 and (bits == 8 or group % INT4_BLOCK == 0)

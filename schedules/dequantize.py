@@ -7,8 +7,14 @@ kernels every device kind shares, written as plain TIR for the device's schedule
 
 - ``take_kernel``: the embedding gather of quantized rows (CPU: ``cpu_injective``; GPU: DLight);
 - ``gpu_matmul_kernel``: the dequantize and the NT matmul as two blocks of one function, the form
-  FuseOps/FuseTIR give a fused dequantize-matmul, which DLight's GEMV (decode) and Matmul (prompts)
-  rules schedule with the dequantize inlined into the weight loads.
+  FuseOps/FuseTIR give a fused dequantize-matmul, which DLight schedules with the dequantize inlined
+  into the weight loads: Matmul for prompts; for the decode step GEMV (int8), or GeneralReduction
+  (int4: TVM 0.27's GEMV rule cannot analyse the two-level index of the 32-input nibble blocks and
+  raises, so the pipeline's next rule takes it: one cross-thread reduction per output).
+
+Why not a separate dequantize function that FuseOps fuses, as MLC-LLM does: here the pipeline lifts
+everything that depends on weights alone into ``transform_params`` before FuseOps runs, so a
+dequantize of its own would be computed once at load into a dequantized copy, the thing to avoid.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def take_kernel(rows: int, k: int, bits: int, group: int, dtype: str, ids_dtype:
 def gpu_matmul_kernel(k: int, n: int, bits: int, group: int, dtype: str, rows=None):
     """``(x[1, m, k], q, scales) -> y[1, m, n]``: dequantize block + NT matmul block, float32 sums.
 
-    ``rows``: m when static (decode: 1, which DLight schedules as a GEMV), else symbolic. Every extent
+    ``rows``: m when static (decode: 1), else symbolic. Every extent
     is int64, as in the legalized matmuls DLight expects (mixed int32/int64 indices fail its rules).
     """
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731

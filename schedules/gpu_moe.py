@@ -234,7 +234,6 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | No
                                         out[start + ro * R + lane, j] = acc[0, 0]
                             T.tvm_storage_sync("shared")
 
-
     if quant is None:
         @T.prim_func(private=True)
         def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), w_dtype), r: T.handle,

@@ -80,8 +80,9 @@ def _run(func, *arrays, out_shape, out_dtype="float32"):
 
 @pytest.mark.parametrize("scheme, group", [("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize("m, rows", [(1, 1), (7, 2), (5, 4)])
-def test_cpu_quantized_matmul_matches_numpy(scheme, group, m, rows):
-    k, n = 192, 44
+@pytest.mark.parametrize("n", [44, 7])  # 7: output tiles narrower than 4
+def test_cpu_quantized_matmul_matches_numpy(scheme, group, m, rows, n):
+    k = 192
     fmt = weight_format(scheme, group)
     q, scales = fmt.quantize(_weights(n, k, seed=1))
     x = np.random.default_rng(0).standard_normal((1, m, k), dtype=np.float32)

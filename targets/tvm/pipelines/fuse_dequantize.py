@@ -99,13 +99,15 @@ class _Folder(PyExprMutator):
         weight = self._dequantized(transposed.args[0])
         if weight is None or transposed.args[0].ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
             return call
+        if x.ty.ndim != 3 or not _is_one(x.ty.shape[0]):  # the kernels' x[1, m, K]
+            return call
         q, s, bits, group = weight
         return _kernel("q_matmul", [x, q, s], [bits, group], call.ty)
 
     def _take(self, call):
         table, ids = call.args
         weight = self._dequantized(table)
-        if weight is None or int(call.attrs.axis) != 0 or table.ty.ndim != 2:
+        if weight is None or int(call.attrs.axis) != 0 or table.ty.ndim != 2 or ids.ty.ndim != 1:
             return call
         q, s, bits, group = weight
         return _kernel("q_take", [q, s, ids], [bits, group], call.ty)
@@ -124,6 +126,10 @@ class _Folder(PyExprMutator):
         q, s, bits, group = weight
         return _kernel(QUANTIZED_KERNELS[name], [tensors[0], q, s, *tensors[2:]], [*statics, bits, group],
                        call.ty_args[0])
+
+
+def _is_one(dim) -> bool:
+    return isinstance(dim, tvm.tirx.IntImm) and int(dim) == 1
 
 
 def _kernel(name: str, tensors, statics, out_ty) -> relax.Call:
