@@ -31,6 +31,8 @@ from .isolate import ChildDied, run_forked
 from .memory import DTYPE_BYTES
 from .model_config import context_limit, moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
+from .quant_parity import check_quantized_parity, format_quantized_report
+from .quantization import QWEIGHT, SCALES, quantization_manifest, weight_format, weight_formats
 from .signing import load_private_key, sign_engine
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
@@ -52,6 +54,8 @@ def build(
     arch: str | None = None,
     progress: Callable[[str], None] = log.info,
     sign_key: str | Path | None = None,
+    quantize: str | None = None,
+    group_size: int | str | None = None,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -61,6 +65,8 @@ def build(
     every expert on every token, weighted 0 where unrouted (a baseline for benchmarks).
     ``parity_steps``: decode steps checked against transformers (None: 8, or fewer to fit a short
     context). ``sign_key``: an Ed25519 private key (PEM) that signs the manifest (``signing.py``).
+    ``quantize`` ("int8", "int4"; None or "none": not quantized) and ``group_size`` (32, 64): weight-only
+    quantization (``quantization.py``); parity then measures what it costs (``quant_parity.py``).
 
     Every argument is checked, and the destination proven writable with room for the engine,
     before any slow step. Interrupted (Ctrl-C) at any point, the build raises KeyboardInterrupt,
@@ -70,11 +76,11 @@ def build(
     start = time.monotonic()
     with interrupt_guard() as guard:
         return _build(model, target, Path(out), dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-                      sign_key, guard, start)
+                      sign_key, guard, start, quantize, group_size)
 
 
 def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-           sign_key, guard, start) -> dict[str, Any]:
+           sign_key, guard, start, quantize=None, group_size=None) -> dict[str, Any]:
     import tvm
 
     if getattr(tvm.base, "_RUNTIME_ONLY", False):
@@ -91,6 +97,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
         raise ConfigError(f"--dtype {dtype!r}: qwen2c builds {', '.join(SUPPORTED_DTYPES)} engines.")
     if moe_dispatch not in MOE_DISPATCHES:
         raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
+    fmt = weight_format(quantize, group_size)
     spec = TARGETS.resolve(target, arch)
     linker = linker_for(spec)  # fails fast when the library could not be linked here
     check_device_toolchain(spec)  # likewise for device code (nvcc for CUDA, ld.lld for ROCm)
@@ -111,7 +118,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
         with _temporary_files_in(staging.path):
             manifest = _build_into(staging.path, out, source, spec, linker, dtype, max_context, parity_steps,
-                                   moe_dispatch, _Clock(progress, guard, start))
+                                   moe_dispatch, _Clock(progress, guard, start), fmt)
         guard.checkpoint()
         try:
             manifest = engine_dir.write_manifest(staging.path, manifest)
@@ -128,7 +135,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
 
 
 def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_context: int, parity_steps: int,
-                moe_dispatch: str, clock: "_Clock") -> dict[str, Any]:
+                moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
     """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
     staging folder is not an engine)."""
     import transformers
@@ -156,12 +163,17 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
     reports = run_passes(program, config, dtype)
     for r in reports:
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
+    formats = weight_formats(program, fmt) if fmt else None
+    if fmt:
+        n = sum(f is not None for f in formats)
+        progress(f"    weights: {fmt.scheme}, groups of {fmt.group}, {n} of {len(formats)} tensors quantized")
     clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
     cfg = dict(source.config)
     moe = _moe_manifest(config, moe_dispatch)
-    params = _param_table(program, param_names(program))
-    fingerprint = engine_fingerprint(cfg, dtype, params, max_context, spec.to_json(), moe)
-    module = add_fingerprint(build_relax_module(program, config, dtype, moe_dispatch), encode_fingerprint(fingerprint))
+    params = _param_table(program, param_names(program), formats)
+    fingerprint = engine_fingerprint(cfg, dtype, params, max_context, spec.to_json(), moe, _weight_format(fmt))
+    module = add_fingerprint(build_relax_module(program, config, dtype, moe_dispatch, formats),
+                             encode_fingerprint(fingerprint))
     compiled = compile_module(module, spec)
     if compiled.launches:
         n = compiled.launches
@@ -174,7 +186,7 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
         # Forked: LLVM aborts the process when a write fails (a disk filling now), see isolate.py.
         device_code = run_forked(lambda: write_library(compiled.executable, spec, staging / engine_dir.LIBRARY,
                                                        linker, progress))
-        _save_weights(program, params, staging / engine_dir.WEIGHTS, compiled.weight_layout)
+        _save_weights(program, params, staging / engine_dir.WEIGHTS, compiled.weight_layout, formats)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
     except ChildDied as e:
@@ -191,7 +203,7 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
         "launches": compiled.launches,
         "backend": spec.backend,
         "dtype": dtype,
-        "weight_format": WEIGHT_FORMAT,
+        "weight_format": _weight_format(fmt),
         "max_context": max_context,
         "prefill_chunk": prefill_chunk_limit(kv_cache_geometry(module)),
         "moe": moe,
@@ -202,17 +214,27 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
         # transform_params' outputs as concatenations of params (stored end to end): see runtime.
         "weight_layout": compiled.weight_layout,
         "tokenizer": tokenizer,
+        "quantization": quantization_manifest(fmt, program, formats, source) if fmt else None,
         "parity": None,
     }
     if parity_here:
         from .runtime import Engine
         from .verify import TORCH_DEVICES
 
-        clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
         reference = reference.to(TORCH_DEVICES.get(spec.device, "cpu"))  # on the engine's device
         engine = Engine(staging, manifest=manifest)
-        report = check_parity(engine, reference, dtype, decode_steps=parity_steps)
-        progress(format_report(report))
+        if fmt:
+            clock.step(f"measuring what {fmt.scheme} costs against the float model and llama.cpp's format")
+            report = check_quantized_parity(engine, reference, fmt, dtype)
+            progress(format_quantized_report(report))
+            if not report["passed"]:
+                raise ParityError(
+                    f"the {fmt.scheme} engine costs more than the stated limits allow "
+                    f"({'; '.join(report['failures'])}); no engine was written.\n" + format_quantized_report(report))
+        else:
+            clock.step(f"checking parity against transformers ({parity_steps} decode steps)")
+            report = check_parity(engine, reference, dtype, decode_steps=parity_steps)
+            progress(format_report(report))
         if not report["passed"]:
             raise ParityError(
                 f"the engine's logits disagree with transformers beyond the {dtype} tolerance "
@@ -265,29 +287,54 @@ def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _param_table(program, names: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def _weight_format(fmt) -> str:
+    """The fingerprint's and manifest's name of how weights are stored: dense, or the quantization."""
+    return WEIGHT_FORMAT if fmt is None else f"{fmt.scheme}-g{fmt.group}"
+
+
+def _param_table(program, names: list[tuple[str, str]], formats=None) -> list[dict[str, Any]]:
     """The program's parameters in call order: name, weights-file key (tied weights share one),
-    safetensors dtype and shape."""
+    safetensors dtype and shape. A quantized weight (``formats[i]``) is two: ``<name>.qweight`` and
+    ``<name>.scales``, in that order (``targets/tvm/quantized_params.py``)."""
     key_of: dict[int, str] = {}
     table = []
-    for _placeholder, name in names:
+    for i, (_placeholder, name) in enumerate(names):
         tensor = program.state_dict[f"model.{name}"]
         key = key_of.setdefault(tensor.data_ptr(), name)
-        table.append({"name": name, "key": key, "dtype": _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)),
-                      "shape": list(tensor.shape)})
+        fmt = formats[i] if formats else None
+        if fmt is None:
+            table.append({"name": name, "key": key, "dtype": _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)),
+                          "shape": list(tensor.shape)})
+            continue
+        q_shape, s_shape = fmt.stored_shapes(tuple(tensor.shape))
+        table += [{"name": name + QWEIGHT, "key": key + QWEIGHT, "dtype": _NUMPY_DTYPES[fmt.qdtype],
+                   "shape": list(q_shape), "source": name, "format": fmt},
+                  {"name": name + SCALES, "key": key + SCALES, "dtype": "F16", "shape": list(s_shape)}]
     return table
 
 
-def _save_weights(program, params: list[dict[str, Any]], path: Path, layout: list[list[int]] | None = None) -> None:
-    """Write the program's parameters once each (tied weights share a key).
+_NUMPY_DTYPES = {"int8": "I8", "uint8": "U8"}
+
+
+def _save_weights(program, params: list[dict[str, Any]], path: Path, layout: list[list[int]] | None = None,
+                  formats=None) -> None:
+    """Write the program's parameters once each (tied weights share a key), quantized where the
+    table says (``_param_table``).
 
     The file is laid out to be mapped and used in place (``weights_file.write_aligned``): the
     weights ``transform_params`` concatenates (``layout``, indices into the call order) end to end.
     """
     from .weights_file import write_aligned
 
-    tensors = {p["key"]: _as_numpy(program.state_dict[f"model.{p['key']}"].detach().contiguous())
-               for p in params if p["key"] == p["name"]}
+    tensors: dict[str, np.ndarray] = {}
+    for p in params:
+        if p["key"] != p["name"] or p["key"] in tensors:
+            continue
+        if "format" in p:
+            q, scales = p["format"].quantize(program.state_dict[f"model.{p['source']}"])
+            tensors[p["key"]], tensors[p["key"].removesuffix(QWEIGHT) + SCALES] = q, scales
+        elif not p["key"].endswith(SCALES):
+            tensors[p["key"]] = _as_numpy(program.state_dict[f"model.{p['key']}"].detach().contiguous())
     groups = [[params[i]["key"] for i in out] for out in layout or [] if len(out) > 1]
     write_aligned(tensors, path, groups, metadata={"format": "pt"})
 

@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--moe-dispatch", choices=("sparse", "dense"), default="sparse",
                    help="MoE models: 'sparse' runs each token's routed experts only (default); 'dense' runs every "
                         "expert on every token (a baseline for benchmarks)")
+    b.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantization: int8 or int4, symmetric, one float16 scale per group of inputs "
+                        "(default none); the embedding, vocabulary projection and MoE experts included")
+    b.add_argument("--group-size", type=int, default=None, choices=(32, 64),
+                   help="inputs per quantization scale (default 32, as llama.cpp's Q8_0/Q4_0)")
 
     i = sub.add_parser("inspect", help="trace and rewrite a model at full size without loading weights",
                        description="Export a model on meta tensors (no memory for weights), run the graph passes "
@@ -105,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not write the result into the engine's manifest (default: record it)")
     v.add_argument("--trusted-key", action="append", default=None, metavar="PUBKEY",
                    help="refuse the engine unless this Ed25519 public key (PEM) signed it; repeatable")
+    v.add_argument("--reference", default=None,
+                   help="quantized engines: the float checkpoint (or preset) they were quantized from, when it is "
+                        "no longer where the manifest's quantization.float_reference says")
     be = sub.add_parser("bench", help="an engine against its peers: prefill, decode, memory, vs this machine's limits",
                         description="Time engines (and with --compare transformers, torch.compile, ONNX Runtime and "
                                     "llama.cpp on the same weights), interleaved; a table, OUT/bench.json, OUT/bench.png.")
@@ -193,7 +201,8 @@ def _build(args) -> int:
 
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
-                     arch=args.arch, progress=_progress, sign_key=args.sign_key)
+                     arch=args.arch, progress=_progress, sign_key=args.sign_key,
+                     quantize=args.quantize, group_size=args.group_size)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
@@ -229,10 +238,10 @@ def _verify(args) -> int:
     from .verify import verify
 
     report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record,
-                    trusted_keys=args.trusted_key)
-    from .parity import format_report
+                    trusted_keys=args.trusted_key, reference=args.reference)
+    from .verify import format_verify
 
-    print(format_report(report))
+    print(format_verify(report))
     return 0 if report["passed"] else 3
 
 

@@ -34,6 +34,52 @@ TOLERANCES: dict[str, Tolerance] = {
 HALF_ERROR_FACTOR = 4.0
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantLimit:
+    """What a quantized engine may cost, judged next to llama.cpp's format at the same bits (quant_parity.py).
+
+    Passes when its mean KL is at most ``kl_factor`` x llama.cpp's (or under ``kl_floor``, where both
+    are too small to compare) and under ``kl_cap``, and its top-1 agreement is at most
+    ``top1_margin`` below llama.cpp's.
+    """
+
+    kl_factor: float
+    kl_floor: float
+    kl_cap: float
+    top1_margin: float
+
+    def judge(self, ours: dict, llama_cpp: dict, positions: int) -> list[str]:
+        failures = []
+        allowed = max(self.kl_factor * llama_cpp["kl"], self.kl_floor)
+        if ours["kl"] > allowed:
+            failures.append(f"KL {ours['kl']:.3e} exceeds {self.kl_factor:g} x llama.cpp's {llama_cpp['kl']:.3e} "
+                            f"(floor {self.kl_floor:g})")
+        if ours["kl"] > self.kl_cap:
+            failures.append(f"KL {ours['kl']:.3e} exceeds the cap {self.kl_cap:g}")
+        # Top-1 agreement over n positions is a proportion: two standard errors of it are noise, not cost
+        # (random-weight models, whose distributions are nearly flat, agree on ~70% of positions).
+        p = llama_cpp["top1"]
+        noise = 2 * (p * (1 - p) / max(positions, 1)) ** 0.5
+        if ours["top1"] < p - self.top1_margin - noise:
+            failures.append(f"top-1 agreement {ours['top1']:.1%} is more than {self.top1_margin:.0%} (+{noise:.1%} "
+                            f"sampling noise) below llama.cpp's {p:.1%}")
+        return failures
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "text": (
+            f"KL <= max({self.kl_factor:g} x llama.cpp's, {self.kl_floor:g}) and <= {self.kl_cap:g}; top-1 >= "
+            f"llama.cpp's - {self.top1_margin:.0%} - 2 standard errors of it")}
+
+
+# The factor leaves room for a different rounding of the same error (our int4 scales are searched,
+# Q4_0's are not; group sizes up to 128 have fewer scales than llama.cpp's 32); the caps are where a
+# model stops being the same model (0.01 nats is about what 8 bits costs a small model; 0.1 for 4).
+QUANT_LIMITS: dict[str, QuantLimit] = {
+    "int8": QuantLimit(kl_factor=1.5, kl_floor=1e-4, kl_cap=0.01, top1_margin=0.02),
+    "int4": QuantLimit(kl_factor=1.5, kl_floor=1e-3, kl_cap=0.1, top1_margin=0.03),
+}
+
+
 def tolerance_for(dtype: str) -> Tolerance:
     try:
         return TOLERANCES[dtype]

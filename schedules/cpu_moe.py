@@ -27,6 +27,8 @@ from tvm.script import tirx as T
 
 from .activations import gated
 from .cpu_matmul import TILE_COLS
+from .cpu_qmatmul import lanes as qmatmul_lanes
+from .dequantize import element, qdtype, stored_shapes
 
 # _ROOT_BLOCK: kernels with a single tensor input are written inside a root block, because Relax's
 # RewriteDataflowReshape inspects every one-input call_tir for a reshape pattern and that analysis
@@ -148,29 +150,32 @@ def group_kernel(experts: int):
 
 
 def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vector: int, tile_rows: int,
-                          col_block: int = 16, dtype: str = "float32", act: int = 0):
+                          col_block: int = 16, dtype: str = "float32", act: int = 0,
+                          quant: tuple[int, int] | None = None):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]``.
 
     Row p of h is expert e's gated MLP ``act(gate) * up`` (``act`` indexes
     ``activations.GATED_ACTIVATIONS``; 0, silu, is SwiGLU) of token rows[p] // k, for
     offsets[e] <= p < offsets[e + 1].
     Gate and up rows of a column tile are accumulated together, so h is written once. x and the
-    weights are in ``dtype``; h is float32.
+    weights are in ``dtype``; h is float32. ``quant`` = (bits, group): the weights are quantized
+    (``(x, q, scales, rows, offsets)``), dequantized in registers as they are read.
     """
     return _grouped_kernel(experts, hidden, inter, vector, tile_rows, col_block, gather_top_k=top_k, swiglu=True,
-                           x_dtype=dtype, w_dtype=dtype, act=act)
+                           x_dtype=dtype, w_dtype=dtype, act=act, quant=quant)
 
 
 def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = 16,
-                        dtype: str = "float32"):
+                        dtype: str = "float32", quant: tuple[int, int] | None = None):
     """``(h[slots, I], down[E, H, I], rows[slots], offsets[E + 1]) -> y[slots, H]``: each row of h by its
     expert's down_proj (h is already in expert order; ``rows`` is unused, kept for one signature)."""
     return _grouped_kernel(experts, inter, hidden, vector, tile_rows, col_block, gather_top_k=None, swiglu=False,
-                           x_dtype="float32", w_dtype=dtype)
+                           x_dtype="float32", w_dtype=dtype, quant=quant)
 
 
 def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows: int, col_block: int,
-                    gather_top_k: int | None, swiglu: bool, x_dtype: str, w_dtype: str, act: int = 0):
+                    gather_top_k: int | None, swiglu: bool, x_dtype: str, w_dtype: str, act: int = 0,
+                    quant: tuple[int, int] | None = None):
     """One grouped NT matmul: out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e.
 
     Tiles are TI rows x TJ columns of vector accumulators along the reduction (TI * TJ, twice that
@@ -189,9 +194,21 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
     tiles = n_out // int(TJ)
     JB = T.int64(_block(tiles, col_block))
     W_ROWS = N * T.int64(2) if swiglu else N
+    if quant is not None:
+        bits, group = quant
+        # One vector of inputs must sit in one int4 nibble half and one scale group (cpu_qmatmul.lanes).
+        V = T.int64(min(int(V), qmatmul_lanes(k_dim, bits, group, int(V))))
+        KO = T.int64(k_dim // int(V))
+        (_, q_cols), (_, s_cols) = stored_shapes(int(W_ROWS), k_dim, bits, group)
+
+    def wload(w, s, e, j, k):
+        """The float32 weight [e, j, k]: a load, or (quantized) a load of q and scales dequantized."""
+        if quant is None:
+            return T.Cast("float32", w[e, j, k])
+        return element(w, s, quant[0], quant[1], e, j, k)
 
     @T.macro
-    def tile(nrows, first, jo, e, x, w, rows, out):
+    def tile(nrows, first, jo, e, x, w, s, rows, out):
         acc = T.alloc_buffer((nrows, TJ, V), "float32", scope="local")
         acc_up = T.alloc_buffer((nrows, TJ, V), "float32", scope="local")
         for ii in T.unroll(nrows):
@@ -206,15 +223,15 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
                     for v in T.vectorized(V):
                         if gather:
                             acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", x[
-                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v]) * T.Cast(
-                                    "float32", w[e, jo * TJ + jj, ko * V + v])
+                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v]) * wload(
+                                    w, s, e, jo * TJ + jj, ko * V + v)
                         else:
-                            acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", x[first + ii, ko * V + v]) * T.Cast(
-                                "float32", w[e, jo * TJ + jj, ko * V + v])
+                            acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", x[first + ii, ko * V + v]) * wload(
+                                w, s, e, jo * TJ + jj, ko * V + v)
                         if swiglu:
                             acc_up[ii, jj, v] = acc_up[ii, jj, v] + T.Cast("float32", x[
-                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v]) * T.Cast(
-                                    "float32", w[e, N + jo * TJ + jj, ko * V + v])
+                                T.Cast("int64", rows[first + ii]) // TOPK, ko * V + v]) * wload(
+                                    w, s, e, N + jo * TJ + jj, ko * V + v)
         for ii in range(nrows):
             for jj in range(TJ):
                 sums = T.alloc_buffer((2,), "float32", scope="local")
@@ -229,23 +246,39 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
                 else:
                     out[first + ii, jo * TJ + jj] = sums[0]
 
-    @T.prim_func(private=True)
-    def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), w_dtype), r: T.handle,
-                           off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        t, s = T.int64(), T.int64()
-        x = T.match_buffer(a, (t, KD), x_dtype)
-        rows = T.match_buffer(r, (s,), "int32")
-        out = T.match_buffer(c, (s, N), "float32")
+    @T.macro
+    def grouped(x, w, s, rows, off, out):
         for jb in T.parallel(T.int64(tiles) // JB):
             for e in range(E):
                 start = T.Cast("int64", off[e])
                 count = T.Cast("int64", off[e + T.int64(1)]) - start
                 for jt in range(JB):
                     for io in range(count // TI):
-                        tile(TI, start + io * TI, jb * JB + jt, e, x, w, rows, out)
+                        tile(TI, start + io * TI, jb * JB + jt, e, x, w, s, rows, out)
                     for rest in range(count % TI):
-                        tile(T.int64(1), start + count // TI * TI + rest, jb * JB + jt, e, x, w, rows, out)
+                        tile(T.int64(1), start + count // TI * TI + rest, jb * JB + jt, e, x, w, s, rows, out)
+
+    if quant is None:
+        @T.prim_func(private=True)
+        def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), w_dtype), r: T.handle,
+                               off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+            t, s = T.int64(), T.int64()
+            x = T.match_buffer(a, (t, KD), x_dtype)
+            rows = T.match_buffer(r, (s,), "int32")
+            out = T.match_buffer(c, (s, N), "float32")
+            grouped(x, w, w, rows, off, out)
+    else:
+        @T.prim_func(private=True)
+        def moe_grouped_matmul(a: T.handle, q: T.Buffer((E, W_ROWS, T.int64(q_cols)), qdtype(quant[0])),
+                               sc: T.Buffer((E, W_ROWS, T.int64(s_cols)), "float16"), r: T.handle,
+                               off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+            t, s = T.int64(), T.int64()
+            x = T.match_buffer(a, (t, KD), x_dtype)
+            rows = T.match_buffer(r, (s,), "int32")
+            out = T.match_buffer(c, (s, N), "float32")
+            grouped(x, q, sc, rows, off, out)
 
     return moe_grouped_matmul
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .activations import gated
+from .dequantize import element, qdtype, stored_shapes
 
 WARP = 32
 COLS = 4  # output columns (warps) per block of the grouped matmuls
@@ -150,20 +151,27 @@ def group_kernel(experts: int, max_threads: int = 1024):
     return moe_group
 
 
-def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, dtype: str = "float32", act: int = 0):
+def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, dtype: str = "float32", act: int = 0,
+                          quant: tuple[int, int] | None = None):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]`` (h in float32):
-    ``act(gate) * up``, ``act`` indexing ``activations.GATED_ACTIVATIONS`` (0, silu: SwiGLU)."""
+    ``act(gate) * up``, ``act`` indexing ``activations.GATED_ACTIVATIONS`` (0, silu: SwiGLU).
+
+    ``quant`` = (bits, group): the weights come as ``(q, scales)`` and are dequantized as they are read.
+    """
     return _grouped_kernel(experts, hidden, inter, gather_top_k=top_k, swiglu=True, x_dtype=dtype, w_dtype=dtype,
-                           act=act)
+                           act=act, quant=quant)
 
 
-def grouped_down_kernel(experts: int, hidden: int, inter: int, dtype: str = "float32"):
+def grouped_down_kernel(experts: int, hidden: int, inter: int, dtype: str = "float32",
+                        quant: tuple[int, int] | None = None):
     """``(h[slots, I], down[E, H, I], rows[slots], offsets[E + 1]) -> y[slots, H]`` (float32)."""
-    return _grouped_kernel(experts, inter, hidden, gather_top_k=None, swiglu=False, x_dtype="float32", w_dtype=dtype)
+    return _grouped_kernel(experts, inter, hidden, gather_top_k=None, swiglu=False, x_dtype="float32", w_dtype=dtype,
+                           quant=quant)
 
 
 def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | None, swiglu: bool,
-                    x_dtype: str, w_dtype: str, act: int = 0):
+                    x_dtype: str, w_dtype: str, act: int = 0,
+                    quant: tuple[int, int] | None = None):
     """out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e (SwiGLU of gate and up rows)."""
     gather = gather_top_k is not None
     E, KD, N = (T.int64(v) for v in (experts, k_dim, n_out))
@@ -173,14 +181,14 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | No
     NB = T.int64(-(-n_out // COLS))
     C, R, L = T.int64(COLS), T.int64(ROWS), T.int64(WARP)
 
-    @T.prim_func(private=True)
-    def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), w_dtype), r: T.handle,
-                           off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
-        t, s = T.int64(), T.int64()
-        x = T.match_buffer(a, (t, KD), x_dtype)
-        rows = T.match_buffer(r, (s,), "int32")
-        out = T.match_buffer(c, (s, N), "float32")
+    def wload(w, sc, e, j, k):
+        """The float32 weight [e, j, k]: a load, or (quantized) q and scales read and dequantized."""
+        if quant is None:
+            return T.Cast("float32", w[e, j, k])
+        return element(w, sc, quant[0], quant[1], e, j, k)
+
+    @T.macro
+    def grouped(x, w, sc, rows, off, out):
         for e in T.thread_binding(E, thread="blockIdx.y"):
             for jb in T.thread_binding(NB, thread="blockIdx.x"):
                 for ty in T.thread_binding(C, thread="threadIdx.y"):
@@ -202,15 +210,15 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | No
                                                 if gather:
                                                     acc[ri, 0] = acc[ri, 0] + T.Cast("float32", x[
                                                         T.Cast("int64", rows[start + ro * R + ri]) // TOPK,
-                                                        ko * L + lane]) * T.Cast("float32", w[e, j, ko * L + lane])
+                                                        ko * L + lane]) * wload(w, sc, e, j, ko * L + lane)
                                                     if swiglu:
                                                         acc[ri, 1] = acc[ri, 1] + T.Cast("float32", x[
                                                             T.Cast("int64", rows[start + ro * R + ri]) // TOPK,
-                                                            ko * L + lane]) * T.Cast("float32", w[e, N + j, ko * L + lane])
+                                                            ko * L + lane]) * wload(w, sc, e, N + j, ko * L + lane)
                                                 else:
                                                     acc[ri, 0] = acc[ri, 0] + T.Cast(
-                                                        "float32", x[start + ro * R + ri, ko * L + lane]) * T.Cast(
-                                                        "float32", w[e, j, ko * L + lane])
+                                                        "float32", x[start + ro * R + ri, ko * L + lane]) * wload(
+                                                        w, sc, e, j, ko * L + lane)
                             for ri in range(R):
                                 red[ty, ri, 0, lane] = acc[ri, 0]
                                 red[ty, ri, 1, lane] = acc[ri, 1]
@@ -227,6 +235,30 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | No
                                     else:
                                         out[start + ro * R + lane, j] = acc[0, 0]
                             T.tvm_storage_sync("shared")
+
+    if quant is None:
+        @T.prim_func(private=True)
+        def moe_grouped_matmul(a: T.handle, w: T.Buffer((E, W_ROWS, KD), w_dtype), r: T.handle,
+                               off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+            t, s = T.int64(), T.int64()
+            x = T.match_buffer(a, (t, KD), x_dtype)
+            rows = T.match_buffer(r, (s,), "int32")
+            out = T.match_buffer(c, (s, N), "float32")
+            grouped(x, w, w, rows, off, out)
+    else:
+        (_, q_cols), (_, s_cols) = stored_shapes(int(W_ROWS), k_dim, quant[0], quant[1])
+
+        @T.prim_func(private=True)
+        def moe_grouped_matmul(a: T.handle, q: T.Buffer((E, W_ROWS, T.int64(q_cols)), qdtype(quant[0])),
+                               sc: T.Buffer((E, W_ROWS, T.int64(s_cols)), "float16"), r: T.handle,
+                               off: T.Buffer((E + T.int64(1),), "int32"), c: T.handle):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+            t, s = T.int64(), T.int64()
+            x = T.match_buffer(a, (t, KD), x_dtype)
+            rows = T.match_buffer(r, (s,), "int32")
+            out = T.match_buffer(c, (s, N), "float32")
+            grouped(x, q, sc, rows, off, out)
 
     return moe_grouped_matmul
 

@@ -37,13 +37,10 @@ def missing_packages(peer: str) -> list[str]:
 
 
 def engine_precision(manifest: dict[str, Any]) -> tuple[str, int]:
-    """(label, weight bits) of an engine: its weight format when quantized, else its dtype."""
-    quant = manifest.get("quantization") or manifest.get("quantize") or manifest.get("weight_format")
-    if isinstance(quant, dict):
-        quant = quant.get("name") or quant.get("format") or quant.get("scheme")
-    if isinstance(quant, str) and quant not in BITS:
-        digits = "".join(c for c in quant if c.isdigit())
-        return quant, int(digits) if digits else 8
+    """(label, weight bits) of an engine: its quantization when quantized, else its dtype."""
+    quant = manifest.get("quantization")
+    if isinstance(quant, dict) and quant.get("scheme") in ("int8", "int4"):
+        return f"{quant['scheme']} (groups of {quant.get('group_size')})", 8 if quant["scheme"] == "int8" else 4
     return manifest["dtype"], BITS[manifest["dtype"]]
 
 

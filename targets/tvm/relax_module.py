@@ -26,6 +26,7 @@ from qwen2c.model_config import head_dim
 from .bounded_embedding import CONVERTERS as BOUNDED_EMBEDDING
 from .lower_ops import convert_map
 from .pipelines.add_kv_cache_creation import KV_CACHE_ATTR
+from .quantized_params import quantize_params
 
 
 class _Importer(ExportedProgramImporter):
@@ -48,7 +49,10 @@ class _Importer(ExportedProgramImporter):
         return ExportedProgramImporter._convert_pytorch_tensor_to_tvm(tensor_value)
 
 
-def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse") -> tvm.IRModule:
+def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse",
+                       weight_formats=None) -> tvm.IRModule:
+    """``weight_formats``: per weight parameter (program order), its ``WeightFormat`` when it is stored
+    quantized (``quantized_params.py``), else None; None for an unquantized engine."""
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
     try:
         mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
@@ -68,6 +72,8 @@ def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse"
     prefill = relax.Function([input_ids, kv_cache, *weights], main.body, main.ret_ty, is_pure=main.is_pure)
     prefill = prefill.with_attrs({k: v for k, v in main.attrs.items() if k != "params"})
     prefill = prefill.with_attr("num_input", 2)
+    if weight_formats is not None:
+        prefill = quantize_params(prefill, weight_formats)
     out = tvm.IRModule({"prefill": prefill.with_attr("global_symbol", "prefill")})
     # Only main is carried over: the converters emit abstract kernel calls, never functions of their own.
     assert len(mod.functions_items()) == 1, [g.name_hint for g in mod.get_global_vars()]

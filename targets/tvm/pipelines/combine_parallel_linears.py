@@ -22,7 +22,23 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 
 def combine_parallel_linears() -> list[tvm.transform.Pass]:
-    return [relax.transform.CombineParallelMatmul(), _concat_before_transpose(), _split_then_concat_is_reshape()]
+    return [relax.transform.CombineParallelMatmul(_same_weight_format), _concat_before_transpose(),
+            _split_then_concat_is_reshape()]
+
+
+def _same_weight_format(_input, rhs, _bias, bindings) -> bool:
+    """Combine only linears whose weights are stored alike: all float, or all quantized the same way
+    (one kernel reads the combined weight; MoE's float router beside its quantized shared expert stays apart)."""
+    from ..quantized_params import dequantize_args
+
+    def storage(var):
+        value = bindings.get(var, var)
+        if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.permute_dims"):
+            value = bindings.get(value.args[0], value.args[0])
+        args = dequantize_args(value)
+        return None if args is None else args[2:]
+
+    return len({storage(r) for r in rhs}) == 1
 
 
 def lift_weight_transforms() -> tvm.transform.Pass:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from qwen2c.schedules import cpu_moe, cpu_norm
+from qwen2c.schedules import cpu_moe, cpu_norm, cpu_qmatmul, dequantize
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
 from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
 
@@ -13,6 +13,7 @@ from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
 from .combine_parallel_linears import combine_parallel_linears, lift_weight_transforms
 from .dispatch_kernels import dispatch_kernels
+from .fuse_dequantize import fuse_dequantize
 from .record_weight_layout import record_weight_layout
 from .use_cpu_attention_kernels import use_cpu_attention_kernels
 
@@ -33,19 +34,40 @@ def kernels(vector: int) -> dict:
             dtype=ins[1].dtype),
         "moe_combine": lambda ins, outs: cpu_moe.combine_kernel(
             int(ins[0].shape[1]), int(ins[2].shape[1]), vector, outs[0].dtype),
+        # Quantized weights (pipelines/fuse_dequantize.py): dequantized in registers.
+        "q_matmul": lambda ins, outs, bits, group: cpu_qmatmul.q_matmul_kernel(
+            int(ins[0].shape[2]), int(outs[0].shape[2]), bits, group, vector,
+            1 if _one_row(ins[0]) else tile_rows(vector), dtype=ins[0].dtype),
+        "q_take": lambda ins, outs, bits, group: dequantize.take_kernel(
+            int(ins[0].shape[0]), int(outs[0].shape[1]), bits, group, outs[0].dtype, ins[2].dtype),
+        "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: cpu_moe.grouped_swiglu_kernel(
+            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, vector,
+            cpu_moe.swiglu_tile_rows(vector), dtype=ins[0].dtype, act=int(act), quant=(bits, group)),
+        "moe_grouped_down_q": lambda ins, outs, bits, group: cpu_moe.grouped_down_kernel(
+            int(ins[1].shape[0]), int(outs[0].shape[1]), int(ins[0].shape[1]), vector, tile_rows(vector),
+            quant=(bits, group)),
     }
+
+
+def _one_row(ty) -> bool:
+    """A decode step's activations: one row, so a row tile of 1 (no work on clamped duplicates)."""
+    import tvm
+
+    return isinstance(ty.shape[1], tvm.tirx.IntImm) and int(ty.shape[1]) == 1
 
 
 def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
     target = spec.tvm_target()
     lanes = spec.vector_bits // 32
     return [
-        # dispatch: the target's KV cache (with qwen2c's prefill attention), norm and MoE kernels, linear
-        # layers (those reading one input combined, their weights concatenated once at load).
+        # dispatch: the target's KV cache (with qwen2c's prefill attention), linear layers (those reading one
+        # input combined, their weights concatenated once at load), quantized weights' readers, norm and MoE
+        # kernels.
         add_kv_cache_creation(target),
         use_cpu_attention_kernels(lanes),
-        dispatch_kernels(kernels(lanes), "cpu"),
         *combine_parallel_linears(),
+        fuse_dequantize(),
+        dispatch_kernels(kernels(lanes), "cpu"),
         dispatch_cpu_matmul(vector_lanes=lanes),
         lift_weight_transforms(),
         record_weight_layout(),

@@ -18,13 +18,14 @@ from tvm import relax
 from tvm.relax.backend.gpu_generic import pipeline as gpu_generic
 from tvm.s_tir import dlight as dl
 
-from qwen2c.schedules import gpu_moe, gpu_norm
+from qwen2c.schedules import dequantize, gpu_moe, gpu_norm
 
 from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
 from .check_scheduled import check_scheduled
 from .combine_parallel_linears import combine_parallel_linears, lift_weight_transforms
 from .dispatch_kernels import dispatch_kernels
+from .fuse_dequantize import fuse_dequantize
 from .record_weight_layout import record_weight_layout
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,18 @@ def kernels(max_threads: int) -> dict:
             int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), dtype=ins[1].dtype),
         "moe_combine": lambda ins, outs: gpu_moe.combine_kernel(
             int(ins[0].shape[1]), int(ins[2].shape[1]), outs[0].dtype),
+        # Quantized weights (pipelines/fuse_dequantize.py): the dequantize is a block of the reading
+        # kernel, which DLight inlines into the weight loads (GEMV for decode's one row, Matmul for prompts).
+        "q_matmul": lambda ins, outs, bits, group: dequantize.gpu_matmul_kernel(
+            int(ins[0].shape[2]), int(outs[0].shape[2]), bits, group, ins[0].dtype,
+            rows=int(ins[0].shape[1]) if isinstance(ins[0].shape[1], tvm.tirx.IntImm) else None),
+        "q_take": lambda ins, outs, bits, group: dequantize.take_kernel(
+            int(ins[0].shape[0]), int(outs[0].shape[1]), bits, group, outs[0].dtype, ins[2].dtype),
+        "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: gpu_moe.grouped_swiglu_kernel(
+            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, dtype=ins[0].dtype,
+            act=int(act), quant=(bits, group)),
+        "moe_grouped_down_q": lambda ins, outs, bits, group: gpu_moe.grouped_down_kernel(
+            int(ins[1].shape[0]), int(outs[0].shape[1]), int(ins[0].shape[1]), quant=(bits, group)),
     }
 
 
@@ -71,14 +84,15 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
     target = spec.tvm_target()
     max_threads = int(target.attrs.get("max_num_threads", 256))
     passes = [
-        # dispatch: the target's KV cache (TVM's GPU attention kernels), MoE kernels.
+        # dispatch: the target's KV cache (TVM's GPU attention kernels), MoE kernels, quantized weights' readers.
         add_kv_cache_creation(target),
-        dispatch_kernels(kernels(max_threads), spec.device),
-        *gpu_generic.library_dispatch_passes(target),
         # Linear layers reading one input are combined (weights concatenated once, at load), and each
         # becomes one NT matmul: legalized apart, permute_dims(W) is a kernel that copies every
-        # weight on every step.
+        # weight on every step. Quantized weights' readers become kernels that dequantize as they read.
         *combine_parallel_linears(),
+        fuse_dequantize(),
+        dispatch_kernels(kernels(max_threads), spec.device),
+        *gpu_generic.library_dispatch_passes(target),
         relax.transform.FuseTransposeMatmul(),
         lift_weight_transforms(),
         record_weight_layout(),

@@ -1,0 +1,207 @@
+"""Parity of a quantized engine: what quantization costs, next to what llama.cpp's formats cost.
+
+The float model (transformers, the checkpoint's weights) is the reference. Over ``positions``
+consecutive positions of one token sequence (a fixed English passage when the engine has a
+tokenizer, else seeded random ids), each next-token distribution is compared with the reference's:
+
+- ``kl``: mean KL(reference || candidate) of the next-token distributions, in nats (and the max);
+- ``top1``: the fraction of positions where both pick the same most likely token.
+
+The same figures are computed for transformers running llama.cpp's format at the same bits
+(``gguf.quants``, llama.cpp's own reference code: Q8_0 for int8, Q4_0 for int4, 32-input blocks
+with a float16 scale) on exactly the weights the engine quantizes, with activations in the
+engine's dtype (the engine's figures include its activations' rounding too). The engine passes when its KL is
+at most ``QUANT_LIMITS[scheme].kl_factor`` times llama.cpp's (or below a floor) and below an absolute
+cap, and its top-1 agreement is at most ``top1_margin`` below llama.cpp's (``tolerances.py``).
+
+A kernel check comes with it: transformers run on the engine's own dequantized weights must give
+the engine's logits to the float tolerance of the dtype, so a kernel bug cannot hide inside the
+quantization budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from .parity import parity_prompt, running_in_float32
+from .quantization import QWEIGHT, SCALES, WeightFormat
+from .tolerances import QUANT_LIMITS, compare, tolerance_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POSITIONS = 256
+GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}
+
+# An ordinary English passage (written for this project), so real checkpoints are measured on text.
+PASSAGE = (
+    "The river begins as snowmelt high in the mountains, where a few thin streams run together under the "
+    "ice and find their way down through the rocks. By the time it reaches the first village it is wide "
+    "enough for a small boat, and the people there have fished it for as long as anyone can remember. "
+    "In spring the water rises quickly and turns brown with mud; in late summer it slows, and children "
+    "can walk across the shallow places without getting their knees wet. Farther down the valley the "
+    "river passes a mill that was built two hundred years ago. The wheel no longer turns, but the stone "
+    "walls still stand, and each year a few visitors stop to read the sign that tells its history. "
+    "Below the mill the land opens into fields of wheat and barley, and the river bends slowly from one "
+    "side of the valley to the other. Herons wait in the reeds, and in the evening swallows fly low over "
+    "the water to catch insects. At the town of Ashford the river is crossed by an old bridge of five "
+    "arches. Market day is Thursday, when farmers bring vegetables, cheese and eggs, and the square in "
+    "front of the church fills with stalls. A schoolteacher named Margaret has kept a diary of the "
+    "river's height every morning for thirty years. She says the floods come earlier now than they did "
+    "when she was young, and that the winters are shorter. Her notebooks are kept in the town library, "
+    "where anyone may read them. Beyond Ashford the river grows deeper and darker, and barges carry "
+    "timber and grain to the port. There the fresh water meets the sea, the tide pushes back twice a "
+    "day, and gulls circle above the fishing boats as they return with the morning catch. Sailors say "
+    "that on a clear night you can hear the bells of the old church from the harbour, although it is "
+    "more than three miles away, and that the sound carries farther over water than over land."
+)
+
+
+def measurement_tokens(engine, positions: int) -> tuple[list[int], str]:
+    """``positions + 1`` token ids, and what they are."""
+    n = min(positions + 1, engine.max_context)
+    try:
+        ids = engine.tokenizer.encode(PASSAGE)
+    except Exception:  # noqa: BLE001  (no tokenizer, or one that cannot encode: random ids instead)
+        ids = []
+    if len(ids) >= n:
+        return ids[:n], "English passage"
+    return parity_prompt(engine.vocab_size, n, seed=3), "seeded random token ids"
+
+
+def stored_quantized(engine) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The engine's quantized weights as its weights file holds them: transformers name -> (q, scales)."""
+    from safetensors.numpy import load_file
+
+    from .engine_dir import WEIGHTS
+
+    tensors = load_file(str(engine.directory / WEIGHTS))
+    keys = {p["name"]: p["key"] for p in engine.manifest["params"]}
+    return {name.removesuffix(QWEIGHT): (tensors[key], tensors[keys[name.removesuffix(QWEIGHT) + SCALES]])
+            for name, key in keys.items() if name.endswith(QWEIGHT)}
+
+
+def engine_logits(engine, tokens: list[int]) -> np.ndarray:
+    """The engine's next-token logits after each of ``tokens[:-1]``, one token at a time."""
+    session = engine.session()
+    out = [session.prefill(tokens[:1])]
+    for t in tokens[1:-1]:
+        out.append(session.decode(t))
+    return np.stack(out).astype(np.float32)
+
+
+def reference_logits(model, tokens: list[int], float32: bool = True) -> torch.Tensor:
+    """transformers' next-token logits at every position, computed in float32 whatever the weights'
+    dtype (a half-precision model is upcast one module at a time: ``parity.running_in_float32``), or
+    with ``float32=False`` in the weights' dtype."""
+    device = next(model.parameters()).device
+    half = next(model.parameters()).dtype != torch.float32
+    with torch.no_grad(), (running_in_float32(model) if half and float32 else contextlib.nullcontext()):
+        logits = model(input_ids=torch.tensor([tokens[:-1]], device=device), use_cache=False).logits[0]
+    return logits.float().cpu()
+
+
+def divergence(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Mean and max KL(reference || candidate) per position (nats), and top-1 agreement."""
+    p_log = torch.log_softmax(reference.double(), -1)
+    q_log = torch.log_softmax(torch.as_tensor(candidate).double(), -1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0)
+    top1 = (reference.argmax(-1) == torch.as_tensor(candidate).argmax(-1)).double().mean()
+    return {"kl": float(kl.mean()), "kl_max": float(kl.max()), "top1": float(top1)}
+
+
+@contextlib.contextmanager
+def weights_replaced(model, replace):
+    """``model`` with each quantized weight ``p`` (by parameter name) set to ``replace(name, p)``,
+    restored afterwards; a tensor shared by two names (tied embeddings) is replaced once."""
+    saved, seen = {}, set()
+    with torch.no_grad():
+        try:
+            for name, p in model.named_parameters(remove_duplicate=True):
+                new = replace(name, p)
+                if new is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                saved[name] = p.detach().clone()
+                p.copy_(new.to(p.dtype))
+            yield model
+        finally:
+            params = dict(model.named_parameters())
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
+                           positions: int = DEFAULT_POSITIONS) -> dict[str, Any]:
+    """Measure ``engine`` (quantized as ``fmt``) against ``model`` (transformers, float weights,
+    ``dtype``) and llama.cpp's format on the same weights."""
+    from gguf import GGMLQuantizationType, quants
+
+    tokens, what = measurement_tokens(engine, positions)
+    reference = reference_logits(model, tokens)
+    ours = engine_logits(engine, tokens)
+    stored = stored_quantized(engine)
+    quantized = set(stored)
+
+    def ours_dequantized(name, p):
+        return fmt.dequantize(*stored[name]) if name in stored else None
+
+    gguf_type = GGMLQuantizationType[GGUF_TYPES[fmt.scheme]]
+
+    def llama_cpp(name, p):
+        if name not in quantized or p.shape[-1] % 32:
+            return None
+        w = p.detach().float().cpu().numpy()
+        return torch.from_numpy(quants.dequantize(quants.quantize(w, gguf_type), gguf_type).reshape(w.shape))
+
+    with weights_replaced(model, ours_dequantized):
+        own = reference_logits(model, tokens)
+    with weights_replaced(model, llama_cpp):
+        # In the engine's dtype, as the engine runs (llama.cpp itself rounds activations to 8 bits).
+        theirs = reference_logits(model, tokens, float32=False)
+
+    # The kernels against transformers on the same (dequantized) weights: float error only.
+    err, _, scale = compare(ours, own.numpy())
+    tol = tolerance_for(dtype)
+    kernels_ok = tol.allows(err, scale)
+    limits = QUANT_LIMITS[fmt.scheme]
+    engine_figures, llama_figures = divergence(reference, ours), divergence(reference, theirs)
+    verdict = limits.judge(engine_figures, llama_figures, len(tokens) - 1)
+    return {
+        "kind": "quantized",
+        "dtype": dtype,
+        "quantization": fmt.to_json(),
+        "reference": "transformers on the float weights",
+        "tokens": what,
+        "positions": len(tokens) - 1,
+        "engine": engine_figures,
+        "llama_cpp": {"format": GGUF_TYPES[fmt.scheme], **llama_figures},
+        "limits": limits.to_json(),
+        "kernels": {"max_abs_err_vs_transformers_on_dequantized_weights": err, "allowed": tol.atol + tol.rtol * scale,
+                    "passed": bool(kernels_ok)},
+        "failures": verdict + ([] if kernels_ok else [
+            f"kernel error: max abs err {err:.3e} against transformers on the engine's own dequantized weights "
+            f"(allowed {tol.atol + tol.rtol * scale:.3e})"]),
+        "passed": not verdict and bool(kernels_ok),
+    }
+
+
+def format_quantized_report(r: dict[str, Any]) -> str:
+    q, e, l = r["quantization"], r["engine"], r["llama_cpp"]
+    lines = [
+        f"quantized parity ({q['scheme']}, group {q['group_size']}, {r['dtype']} activations) vs transformers on the "
+        f"float weights, {r['positions']} positions ({r['tokens']}): {'PASS' if r['passed'] else 'FAIL'}",
+        f"  {'':22}{'KL mean (nats)':>16}{'KL max':>12}{'top-1 agree':>14}",
+        f"  {'qwen2c ' + q['scheme']:22}{e['kl']:16.3e}{e['kl_max']:12.3e}{e['top1']:14.1%}",
+        f"  {'llama.cpp ' + l['format']:22}{l['kl']:16.3e}{l['kl_max']:12.3e}{l['top1']:14.1%}",
+        f"  limits: {r['limits']['text']}",
+        f"  kernels vs transformers on the engine's dequantized weights: max abs err "
+        f"{r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e} "
+        f"(allowed {r['kernels']['allowed']:.3e}) {'ok' if r['kernels']['passed'] else 'FAIL'}",
+    ]
+    lines += [f"  FAIL: {f}" for f in r["failures"]]
+    return "\n".join(lines)
