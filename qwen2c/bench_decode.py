@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import engine_dir
-from .bench import _decode_run
+from .bench.moe import _decode_run
 from .parity import parity_prompt
 from .runtime import load
 
