@@ -1,4 +1,4 @@
-"""``qwen2c build``: checkpoint or preset -> export -> passes -> TVM -> engine dir -> parity.
+"""``qwen2c build``: checkpoint or preset -> export -> passes -> backend -> engine dir -> parity.
 
 Read top to bottom; each step logs its progress. Nothing is written at the destination until the
 engine is complete and has passed parity.
@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, engine_dir
 from .checkpoint import checkpoint_dtype, load_reference, resolve_model
-from .errors import BackendUnavailableError, ConfigError, ParityError
+from .errors import ConfigError, ParityError
 from .model_config import moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
@@ -39,6 +39,7 @@ def build(
     moe_dispatch: str = "sparse",
     arch: str | None = None,
     progress: Callable[[str], None] = log.info,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -46,36 +47,26 @@ def build(
     checkpoint's, bfloat16 for presets). ``arch`` (GPU targets): comma-separated architectures.
     ``moe_dispatch`` (MoE models): "sparse" computes each token's routed experts only; "dense" runs
     every expert on every token, weighted 0 where unrouted (a baseline for benchmarks).
+    ``backend``: which backend builds it (``--backend``; default: the target's, ``TargetSpec.backend``).
     """
     import transformers
-    import tvm
-
-    if getattr(tvm.base, "_RUNTIME_ONLY", False):
-        raise BackendUnavailableError(
-            "this process opened an engine with TVM's runtime only (no compiler), so it cannot build. Build in a "
-            "separate process, or `import tvm` before the first qwen2c.load()."
-        )
 
     from qwen2c.graphs.export import export_model, param_names
     from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.registry import TARGETS, linker_for, runs_on_this_host
-    from qwen2c.targets.tvm.compile import compile_module
-    from qwen2c.targets.tvm.device_code import check_device_toolchain, write_library
-    from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
-    from qwen2c.targets.tvm.relax_module import build_relax_module
+    from qwen2c.targets.backends import BACKENDS
+    from qwen2c.targets.registry import TARGETS
 
     out = Path(out)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: qwen2c builds {', '.join(SUPPORTED_DTYPES)} engines.")
-    if moe_dispatch not in MOE_DISPATCHES:
-        raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
-    spec = TARGETS.resolve(target, arch)
-    linker = linker_for(spec)  # fails fast when the library could not be linked here
-    check_device_toolchain(spec)  # likewise for device code (nvcc for CUDA, ld.lld for ROCm)
+    spec = TARGETS.resolve(target, arch, backend)
+    lowering = BACKENDS.get(spec.backend).load()
     engine_dir.check_destination(out, force)
     source = resolve_model(model)
     if dtype is None:
         dtype = checkpoint_dtype(source) if spec.default_dtype == "checkpoint" else spec.default_dtype
+    options = {"moe_dispatch": moe_dispatch}
+    lowering.prepare(spec, dtype, options)  # refuses what this backend cannot build here, before loading
     limit = source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)
     max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
     if not 2 <= max_context <= limit:
@@ -86,7 +77,7 @@ def build(
     # Copies of the weights in host memory at once: the reference, and a CPU engine when parity runs
     # here (a GPU engine's weights live on the GPU; the float32 reference of a half-precision engine
     # is the same model upcast one module at a time).
-    parity_here = runs_on_this_host(spec)
+    parity_here = lowering.runs_here(spec)
     copies = 2.2 if parity_here and spec.device == "cpu" else 1.2
     config, reference = load_reference(source, dtype, copies=copies)
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
@@ -95,19 +86,13 @@ def build(
     reports = run_passes(program, config, dtype)
     for r in reports:
         progress(f"    {r.name}: fired {r.fired}x" + (f", missed {len(r.misses)}: {r.misses[0]}" if r.misses else ""))
-    clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
-    module = build_relax_module(program, config, dtype, moe_dispatch)
-    compiled = compile_module(module, spec)
-    if compiled.launches:
-        n = compiled.launches
-        progress(f"    decode step: {n['kernels']} kernels + {n['kv_cache_calls']} KV-cache calls; "
-                 f"{n['host_launches']} host launches ({n['kernels_in_graphs']} kernels in "
-                 f"{n['graph_replays']} CUDA-graph replays)")
+    clock.step(f"lowering with the {spec.backend} backend and compiling for {spec.name}")
+    lowered = lowering.lower(program, config, spec, dtype, max_context, options, progress)
 
     staging = engine_dir.make_staging(out)
     try:
         clock.step("writing the engine")
-        device_code = write_library(compiled.executable, spec, staging / engine_dir.LIBRARY, linker, progress)
+        backend_fields = lowering.write(lowered, staging, progress)
         params = _save_weights(program, param_names(program), staging / engine_dir.WEIGHTS)
         cfg = dict(source.config)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -116,13 +101,12 @@ def build(
             "model": {"source": source.name, "preset": source.is_preset, "config": cfg,
                       "parameters": source.param_count()},
             "target": spec.to_json(),
-            "device_code": device_code,
-            "launches": compiled.launches,
+            **{k: v for k, v in backend_fields.items() if k != "versions"},
             "backend": spec.backend,
             "dtype": dtype,
             "max_context": max_context,
             "moe": _moe_manifest(config, moe_dispatch),
-            "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
+            "versions": {"qwen2c": __version__, **backend_fields.get("versions", {}), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "passes": [r.to_json() for r in reports],
             "params": params,

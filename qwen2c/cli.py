@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", default=None,
                    help="GPU architectures, comma-separated (cuda: sm_75, sm_80, sm_86, sm_89, sm_90, default sm_90, "
                         "several go into one fatbin; rocm: gfx90a, gfx942)")
+    b.add_argument("--backend", default=None,
+                   help="backend where the target has several: tvm (default), onnxruntime (llvm, cuda), "
+                        "tensorrt (cuda)")
     b.add_argument("-o", "--output", required=True, help="engine directory to create")
     b.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="weight and activation dtype (default: float32 on CPUs; on GPUs the checkpoint's, "
@@ -112,10 +115,10 @@ def _build(args) -> int:
 
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
-                     arch=args.arch, progress=_progress)
+                     arch=args.arch, progress=_progress, backend=args.backend)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
-    print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
+    print(f"built {args.output} ({manifest['target']['name']}, {manifest['backend']}, {manifest['dtype']}, {status})")
     return 0
 
 

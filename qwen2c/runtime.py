@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import engine_dir
-from .errors import EngineError, Qwen2cError
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +34,15 @@ class Engine:
         self._tokenizer = None
 
     def _open_program(self):
-        backend = self.manifest.get("backend")
-        if backend != "tvm":
-            raise EngineError(f"{self.directory}: backend {backend!r} is not one this qwen2c runs (tvm).")
-        from safetensors.numpy import load_file
+        """The backend the manifest names opens the engine (``targets/backends.py``)."""
+        from qwen2c.targets.backends import BACKENDS
 
-        from qwen2c.targets.tvm.runtime import TvmProgram
+        backend = BACKENDS.for_engine(self.directory, self.manifest)
+        return backend.load().open_program(self.directory, self.manifest)
 
-        try:
-            tensors = load_file(str(self.directory / engine_dir.WEIGHTS))
-        except Exception as e:
-            raise EngineError(f"{self.directory / engine_dir.WEIGHTS}: unreadable weights ({e}).") from None
-        try:
-            weights = [tensors[p["key"]] for p in self.manifest["params"]]
-        except KeyError as e:
-            raise EngineError(f"{self.directory}: weight {e} named in the manifest is not in the weights file.") from None
-        try:
-            return TvmProgram(
-                self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context
-            )
-        except Qwen2cError:  # no device or device runtime here: already says what is missing
-            raise
-        except Exception as e:  # TVM reports a bad library as a generic error
-            raise EngineError(f"{self.directory / engine_dir.LIBRARY}: could not open the compiled library ({e}).") from None
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
 
     def session(self) -> "Session":
         return Session(self)
@@ -127,7 +112,7 @@ class Session:
     def routing(self) -> list[np.ndarray]:
         """MoE engines: for each sparse layer (``engine.moe_layers``), the experts the tokens of the
         last prefill/decode call were routed to, [tokens, top_k], highest weight first. Dense: []."""
-        return [r.numpy() for r in self._routing]
+        return [r if isinstance(r, np.ndarray) else r.numpy() for r in self._routing]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; return the logits for the next."""
