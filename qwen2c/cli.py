@@ -41,6 +41,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="MoE models: 'sparse' runs each token's routed experts only (default); 'dense' runs every "
                         "expert on every token (a baseline for benchmarks)")
 
+    x = sub.add_parser("export-onnx", help="the fused ONNX of a model, for your own runtime",
+                       description="Trace, rewrite and export a model to ONNX (opset 23): each fused op one node, "
+                                   "the KV cache as past/present inputs and outputs.")
+    x.add_argument("--model", required=True, help="checkpoint directory or preset")
+    x.add_argument("-o", "--output", required=True, help="folder to create")
+    x.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    x.add_argument("--max-context", type=int, default=None, help="longest sequence (RoPE tables); default 4096")
+    x.add_argument("--ops", default="onnxruntime", choices=("onnxruntime", "standard"),
+                   help="onnxruntime: GroupQueryAttention and MoE contrib ops (default); standard: opset-23 "
+                        "RotaryEmbedding + Attention (what TensorRT parses)")
+    x.add_argument("--force", action="store_true", help="replace an existing export (only once the new one is complete)")
+
     i = sub.add_parser("inspect", help="trace and rewrite a model at full size without loading weights",
                        description="Export a model on meta tensors (no memory for weights), run the graph passes "
                                    "and report what they fused and the shapes the rewritten program produces.")
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
+        return {"build": _build, "export-onnx": _export_onnx, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
                 "pack": _pack, "targets": _targets}[args.command](args)
     except Qwen2cError as e:
         print(f"qwen2c {args.command}: error: {e}", file=sys.stderr)
@@ -119,6 +131,15 @@ def _build(args) -> int:
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['backend']}, {manifest['dtype']}, {status})")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from .export_onnx import export_onnx_dir
+
+    info = export_onnx_dir(args.model, args.output, dtype=args.dtype, max_context=args.max_context, op_set=args.ops,
+                           force=args.force, progress=_progress)
+    print(f"exported {args.output}: " + ", ".join(f"{k} {v}" for k, v in info["nodes"].items()))
     return 0
 
 

@@ -84,6 +84,7 @@ def export_onnx(program: torch.export.ExportedProgram, config, dtype: str, max_c
             custom_translation_table=translation_table(op_set), optimize=True, verify=False, report=False)
     model = onnx_program.model
     _interleave_moe_gate_up(model)
+    _drop_unused_outputs(model)
     _check_fused(model, cached, op_set)
     return Exported(model, cached, op_set, dtype, max_context)
 
@@ -109,6 +110,19 @@ def _interleave_moe_gate_up(model) -> None:
         array = array.reshape(experts, 2, rows // 2, hidden).transpose(0, 2, 1, 3).reshape(experts, rows, hidden)
         fc1.const_value = ir.tensor(array.copy(), name=fc1.name)
         node.attributes["swiglu_fusion"] = ir.AttrInt64("swiglu_fusion", 1)
+
+
+def _drop_unused_outputs(model) -> None:
+    """Trailing outputs nobody reads (``Attention``'s present/qk outputs when the cache is concatenated
+    outside it; ``GroupQueryAttention``'s output_qk) are removed: TensorRT refuses an Attention node
+    that declares them, and no runtime needs them."""
+    graph_outputs = set(model.graph.outputs)
+    for node in model.graph:
+        keep = len(node.outputs)
+        while keep > 1 and not node.outputs[keep - 1].uses() and node.outputs[keep - 1] not in graph_outputs:
+            keep -= 1
+        if keep < len(node.outputs):
+            node.resize_outputs(keep)
 
 
 def _check_fused(model, cached: CachedGraph, op_set: str) -> None:

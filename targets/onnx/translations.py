@@ -15,9 +15,12 @@ Two op sets, because the two consumers of the export run different kernels:
     SwiGLU experts in one node; no standard op exists), plus the shared expert as ordinary ops and a
     ``TopK`` over the router logits for the routing output the engines return.
 - ``"standard"`` (what TensorRT's parser reads: no ONNX Runtime contrib ops for attention):
-  ``cached_attention`` -> two opset-23 ``RotaryEmbedding`` (q and k) and one opset-23 ``Attention``
-  with past/present key-values and a boolean causal mask offset by the past length. RMSNorm as above.
-  ``fused_moe`` has no standard op, so it stays ``com.microsoft::MoE`` (TensorRT's check names it).
+  ``cached_attention`` -> two opset-23 ``RotaryEmbedding`` (q and k), a ``Concat`` each onto the past
+  key/value (the present outputs), and one opset-23 ``Attention`` over them with a 4-D boolean
+  causal mask offset by the past length. Not one node: TensorRT 10.15's parser takes ``Attention``
+  only without ``past_key``/``past_value`` inputs and ``present_*`` outputs, 4-D, and no ONNX op
+  does rotary inside attention. RMSNorm as above. ``fused_moe`` has no standard op, so it stays
+  ``com.microsoft::MoE`` (the TensorRT backend's operator check names it).
 
 Translations are "trace-only" Python functions: they run once per node at export time, with the
 node's static shapes and Python arguments (heads, top-k, scale) at hand.
@@ -61,22 +64,22 @@ def gqa_attention(q, k, v, past_key, past_value, cos, sin, scale: float):
 
 
 def standard_attention(q, k, v, past_key, past_value, cos, sin, scale: float):
-    """``qwen2c::cached_attention`` as opset-23 ``RotaryEmbedding`` x2 + ``Attention``."""
-    q_heads, kv_heads, _ = _heads(q, k)
+    """``qwen2c::cached_attention`` as opset-23 ``RotaryEmbedding`` x2, ``Concat`` x2, ``Attention``."""
+    _heads(q, k)  # 4-D Attention reads the head counts from Q's and K's shapes
     past = op.Squeeze(op.Shape(past_key, start=2, end=3), _i64(0))
     seq = op.Squeeze(op.Shape(q, start=1, end=2), _i64(0))
     positions = op.Range(past, op.Add(past, seq), op.Constant(value_int=1))  # [s]: past .. past+s-1
     position_ids = op.Unsqueeze(positions, _i64(0))
-    q = op.RotaryEmbedding(q, cos, sin, position_ids, interleaved=0)
-    k = op.RotaryEmbedding(k, cos, sin, position_ids, interleaved=0)
+    bhsd = [0, 2, 1, 3]  # 4-D RotaryEmbedding and Attention take [batch, heads, seq, head_dim]
+    q = op.RotaryEmbedding(op.Transpose(q, perm=bhsd), cos, sin, position_ids, interleaved=0)
+    k = op.RotaryEmbedding(op.Transpose(k, perm=bhsd), cos, sin, position_ids, interleaved=0)
     # Causal with a past: query at position past+i sees keys 0..past+i (Attention's is_causal aligns
     # to the upper left, which is right only without a past).
     keys = op.Range(op.Constant(value_int=0), op.Add(past, seq), op.Constant(value_int=1))
-    mask = op.LessOrEqual(op.Unsqueeze(keys, _i64(0)), op.Unsqueeze(positions, _i64(1)))  # [s, past+s]
-    bhsd = [0, 2, 1, 3]
-    out, present_key, present_value = op.Attention(
-        op.Transpose(q, perm=bhsd), op.Transpose(k, perm=bhsd), op.Transpose(v, perm=bhsd), mask, past_key,
-        past_value, q_num_heads=q_heads, kv_num_heads=kv_heads, scale=float(scale), is_causal=0)
+    mask = op.LessOrEqual(op.Unsqueeze(keys, _i64(0, 1, 2)), op.Unsqueeze(positions, _i64(0, 1, 3)))  # [1,1,s,past+s]
+    present_key = op.Concat(past_key, k, axis=2)
+    present_value = op.Concat(past_value, op.Transpose(v, perm=bhsd), axis=2)
+    out, *_unused = op.Attention(q, present_key, present_value, mask, scale=float(scale), is_causal=0)
     return op.Transpose(out, perm=bhsd), present_key, present_value
 
 
