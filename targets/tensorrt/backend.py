@@ -26,7 +26,7 @@ from ..onnx.requirements import require
 
 PLAN = "model.plan"
 MISSING = ("the tensorrt backend needs NVIDIA TensorRT's Python package (`import tensorrt`), which is not installed "
-           "here; install TensorRT 10.15 or newer for your CUDA (e.g. `pip install tensorrt-cu13` where NVIDIA's "
+           "here; install TensorRT 10.15 or newer for your CUDA (`pip install tensorrt-cu13` where NVIDIA's "
            "download servers are reachable) and build again; nothing was written.")
 
 
