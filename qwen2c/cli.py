@@ -68,13 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check an engine against the transformers reference",
                        description="Re-run the parity check of an engine against transformers on its own weights.")
-    v.add_argument("engine", help="engine directory")
+    v.add_argument("engine", nargs="+", help="engine directory; two engines of one model (e.g. tvm and onnxruntime) "
+                                             "are also compared with each other")
     v.add_argument("--decode-steps", type=int, default=8)
     v.add_argument("--no-record", action="store_true",
                    help="do not write the result into the engine's manifest (default: record it)")
     be = sub.add_parser("bench", help="engine vs transformers eager, same weights and threads",
                         description="Measure prefill and decode tokens/s of an engine and of transformers eager.")
-    be.add_argument("engine", help="engine directory")
+    be.add_argument("engine", nargs="+", help="engine directory; with two engines of one model, both side by side")
     be.add_argument("--prompt-tokens", type=int, default=128)
     be.add_argument("--decode-tokens", type=int, default=32)
     be.add_argument("--repeats", type=int, default=3)
@@ -169,7 +170,15 @@ def _run(args) -> int:
 def _verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record)
+    if len(args.engine) > 2:
+        raise Qwen2cError(f"verify takes one engine, or two to compare; got {len(args.engine)}.")
+    if len(args.engine) == 2:
+        from .compare import format_verify_pair, verify_pair
+
+        result = verify_pair(*args.engine, decode_steps=args.decode_steps)
+        print(format_verify_pair(result))
+        return 0 if result["passed"] else 3
+    report = verify(args.engine[0], decode_steps=args.decode_steps, record=not args.no_record)
     from .parity import format_report
 
     print(format_report(report))
@@ -186,11 +195,19 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     from .bench import bench, bench_moe_dispatch, format_bench, format_moe_bench
 
+    if len(args.engine) > 2 or (len(args.engine) == 2 and args.dense_experts):
+        raise Qwen2cError("bench takes one engine, or two of one model to compare (without --dense-experts).")
+    if len(args.engine) == 2:
+        from .compare import bench_pair, format_bench_pair
+
+        print(format_bench_pair(bench_pair(*args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
+        return 0
+    engine = args.engine[0]
     if args.dense_experts:
-        result = bench_moe_dispatch(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
+        result = bench_moe_dispatch(engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
         print(format_moe_bench(result))
         return 0
-    print(format_bench(bench(args.engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
+    print(format_bench(bench(engine, args.prompt_tokens, args.decode_tokens, args.repeats)))
     return 0
 
 
