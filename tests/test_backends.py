@@ -193,3 +193,23 @@ def test_tensorrt_engine_without_tensorrt_is_refused_on_load(tmp_path, engines):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendUnavailableError, match="TensorRT's Python package"):
         qwen2c.load(copy)
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNNABLE, reason="the onnx extra is not installed")
+def test_verify_and_bench_two_engines_side_by_side(engines, capsys):
+    from qwen2c.cli import main
+    from qwen2c.compare import bench_pair, verify_pair
+
+    tvm_engine, ort_engine = engines["tvm", "moe"], engines["onnxruntime", "moe"]
+    result = verify_pair(tvm_engine, ort_engine, decode_steps=3)
+    assert result["passed"] and [r["passed"] for r in result["parity"]] == [True, True]
+    between = result["between"]
+    assert between["greedy_agreement"] == "4/4" and len(between["steps"]) == 4
+    # Both are within 1e-4 of transformers, so within 2e-4 of each other; and not bit-identical.
+    assert 0 < between["max_abs_diff"] < 2e-4
+    speed = bench_pair(tvm_engine, ort_engine, prompt_tokens=16, decode_tokens=4, repeats=1)
+    assert set(speed["prefill_tok_s"]) == set(speed["engines"]) == {f"{tvm_engine.name} (tvm)",
+                                                                     f"{ort_engine.name} (onnxruntime)"}
+    assert speed["decode_ratio"] > 0
+    assert main(["verify", str(engines["tvm", "dense"]), str(ort_engine)]) == 2
+    assert "different models" in capsys.readouterr().err
