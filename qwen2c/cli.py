@@ -204,6 +204,10 @@ def _bench(args) -> int:
         return 0
     engine = args.engine[0]
     if args.dense_experts:
+        from .engine_dir import read_manifest
+
+        if read_manifest(engine, verify=False).get("backend") != "tvm":
+            raise Qwen2cError("--dense-experts rebuilds the engine with TVM's dense MoE dispatch; give a tvm engine.")
         result = bench_moe_dispatch(engine, args.prompt_tokens, args.decode_tokens, args.repeats, _progress)
         print(format_moe_bench(result))
         return 0
