@@ -44,9 +44,16 @@ def prepare(spec, dtype: str, options: dict[str, Any]) -> None:
 
 def lower(program, config, spec, dtype: str, max_context: int, options: dict[str, Any],
           progress: Callable[[str], None]) -> Lowered:
+    from qwen2c.model_config import head_dim
+
     from ..onnx.export import export_onnx
     from .ort_graph import optimize_for_ort
 
+    if spec.device == "cpu" and head_dim(config) % 16:
+        raise ConfigError(
+            f"head_dim {head_dim(config)} (hidden_size / num_attention_heads): ONNX Runtime's CPU GroupQueryAttention "
+            "kernel takes head sizes that are multiples of 16 only; build this model with --backend tvm."
+        )
     exported = export_onnx(program, config, dtype, max_context, op_set="onnxruntime")
     fusions = optimize_for_ort(exported.model)
     progress("    ONNX nodes: " + ", ".join(f"{k} {v}" for k, v in exported.op_counts().items()))
