@@ -7,7 +7,8 @@ common subexpressions), which ``torch.onnx.export(optimize=True)`` runs. The cal
 with ``external_data.save``, which also runs ``onnx.checker`` on the written file.
 
 Inputs: ``input_ids`` int64 [1, seq]; ``past_key_values.{i}.key|value`` [1, kv_heads, past, head_dim]
-in the model dtype. Outputs: ``logits`` [1, 1, vocab] (last position), ``routing.{j}`` int64
+in the model dtype. Outputs: ``logits`` [1, 1, vocab] (last position, float32 whatever the dtype:
+an exact upcast, and NumPy has no bfloat16 for runtimes to hand it over in), ``routing.{j}`` int64
 [seq, top_k] per sparse layer (MoE), ``present.{i}.key|value`` [1, kv_heads, past + seq, head_dim].
 """
 
@@ -85,6 +86,7 @@ def export_onnx(program: torch.export.ExportedProgram, config, dtype: str, max_c
     model = onnx_program.model
     _interleave_moe_gate_up(model)
     _drop_unused_outputs(model)
+    _logits_in_float32(model)
     _check_fused(model, cached, op_set)
     return Exported(model, cached, op_set, dtype, max_context)
 
@@ -110,6 +112,22 @@ def _interleave_moe_gate_up(model) -> None:
         array = array.reshape(experts, 2, rows // 2, hidden).transpose(0, 2, 1, 3).reshape(experts, rows, hidden)
         fc1.const_value = ir.tensor(array.copy(), name=fc1.name)
         node.attributes["swiglu_fusion"] = ir.AttrInt64("swiglu_fusion", 1)
+
+
+def _logits_in_float32(model) -> None:
+    import onnx_ir as ir
+
+    logits = model.graph.outputs[0]
+    if logits.dtype == ir.DataType.FLOAT:
+        return
+    cast = ir.node("Cast", [logits], attributes={"to": ir.DataType.FLOAT}, name="logits_to_float32")
+    model.graph.append(cast)
+    out = cast.outputs[0]
+    out.dtype, out.shape = ir.DataType.FLOAT, logits.shape
+    name = logits.name
+    logits.name = f"{name}_{logits.dtype.name.lower()}"
+    out.name = name
+    model.graph.outputs[0] = out
 
 
 def _drop_unused_outputs(model) -> None:

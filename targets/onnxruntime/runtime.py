@@ -18,7 +18,7 @@ from qwen2c.errors import BackendUnavailableError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda"}
-_NUMPY = {"float32": np.float32, "float16": np.float16}
+_ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}  # onnx.TensorProto's element types
 
 
 def provider_available(device: str) -> bool:
@@ -58,12 +58,10 @@ class OrtProgram:
         self._dtype = dtype
 
     def new_cache(self) -> _Cache:
-        empty = np.zeros(self._past_shape, dtype=_NUMPY.get(self._dtype, np.float32))
-        if self._dtype not in _NUMPY:  # bfloat16: NumPy has no such dtype for ONNX Runtime; made by shape and type
-            import ml_dtypes
-
-            empty = empty.astype(ml_dtypes.bfloat16)
-        values = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.input_names[1:]]
+        # By shape and ONNX element type: ONNX Runtime takes no bfloat16 NumPy arrays (ml_dtypes).
+        element = _ONNX_TYPES[self._dtype]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(self._past_shape, element, self.device, 0)
+                  for _ in self.input_names[1:]]
         return _Cache(values)
 
     def forward(self, cache: _Cache, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -78,5 +76,5 @@ class OrtProgram:
         outputs = binding.get_outputs()
         routed = 1 + self.routing_outputs
         cache.values = outputs[routed:]
-        logits = outputs[0].numpy().reshape(-1).astype(np.float32, copy=False)
+        logits = outputs[0].numpy().reshape(-1)  # float32 in every engine (targets/onnx/export.py)
         return logits, [o.numpy() for o in outputs[1:routed]]

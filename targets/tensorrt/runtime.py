@@ -50,7 +50,7 @@ class TrtProgram:
         outputs = []
         for name in self.output_names:
             shape = tuple(context.get_tensor_shape(name))
-            dtype = torch.int64 if name.startswith("routing") else self._dtype
+            dtype = torch.int64 if name.startswith("routing") else torch.float32 if name == "logits" else self._dtype
             out = torch.empty(shape, dtype=dtype, device="cuda")
             context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
@@ -59,5 +59,5 @@ class TrtProgram:
         self.stream.synchronize()
         routed = 1 + self.routing_outputs
         cache[:] = outputs[routed:]
-        logits = outputs[0].float().cpu().numpy().reshape(-1)
+        logits = outputs[0].cpu().numpy().reshape(-1)
         return logits, [o.cpu().numpy() for o in outputs[1:routed]]
