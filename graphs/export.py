@@ -92,3 +92,22 @@ def param_names(program: torch.export.ExportedProgram) -> list[tuple[str, str]]:
         for spec in program.graph_signature.input_specs
         if spec.kind is kind
     ]
+
+
+def attention_geometry(program: torch.export.ExportedProgram) -> dict:
+    """What a backend's KV cache must know of the fused attention ops: their RoPE (inv_freq as
+    float32 values, and the cos/sin scaling) and each layer's sliding window (0: full attention),
+    layers in order."""
+    fused = [n for n in program.graph.nodes if n.target is torch.ops.qwen2c.fused_attention.default]
+    fused.sort(key=lambda n: n.args[4])
+    tensors = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs}
+    tables = set()
+    for n in fused:
+        name = tensors[n.args[3].name]
+        inv_freq = program.state_dict[name] if name in program.state_dict else program.constants[name]
+        tables.add((tuple(inv_freq.to(torch.float32).tolist()), float(n.args[5])))
+    # transformers' Qwen2 has one rotary embedding for all layers.
+    assert len(tables) == 1, f"layers use {len(tables)} different RoPE tables"
+    (inv_freq, scaling), = tables
+    return {"rope_inv_freq": list(inv_freq), "rope_scaling": scaling,
+            "sliding_windows": [int(n.args[7]) for n in fused]}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ACTIVATIONS", "activation", "fused_attention", "fused_moe", "fused_rms_norm", "moe_route", "rope_cos_sin"]
+__all__ = ["ACTIVATIONS", "activation", "cached_attention", "fused_attention", "fused_moe", "fused_rms_norm", "moe_route",
+           "rope_cos_sin"]
 
 
 # Activations a fused MoE block's experts may use, by the name its traced op gives (see
@@ -78,6 +79,44 @@ def fused_attention(
 @fused_attention.register_fake
 def _(q, k, v, inv_freq, layer, attention_scaling, scale, sliding_window):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("qwen2c::cached_attention", mutates_args=())
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_attention`` with its KV cache as explicit tensors (for backends whose graphs carry the
+    cache as inputs and outputs, e.g. ONNX's past/present key-values).
+
+    q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim], before RoPE;
+    past_key/past_value: [batch, kv_heads, past, head_dim] (keys already rotated); cos/sin:
+    [max_positions, head_dim / 2], the RoPE tables in q's dtype. The new tokens sit at positions
+    past..past+seq-1. Returns the attention output [batch, seq, q_heads, head_dim] and the
+    present key/value [batch, kv_heads, past + seq, head_dim].
+    """
+    _, seq, q_heads, _ = q.shape
+    kv_heads, past = k.shape[2], past_key.shape[2]
+    c = torch.cat([cos[past:past + seq]] * 2, dim=-1)[None, :, None, :]
+    s = torch.cat([sin[past:past + seq]] * 2, dim=-1)[None, :, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    present_key = torch.cat([past_key, k.transpose(1, 2)], dim=2)
+    present_value = torch.cat([past_value, v.transpose(1, 2)], dim=2)
+    group = q_heads // kv_heads
+    keys = present_key.repeat_interleave(group, dim=1)
+    values = present_value.repeat_interleave(group, dim=1)
+    # Query i (absolute position past+i) sees keys 0..past+i.
+    mask = torch.ones(seq, past + seq, dtype=torch.bool).tril(diagonal=past)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous(), present_key, present_value
+
+
+@cached_attention.register_fake
+def _(q, k, v, past_key, past_value, cos, sin, scale):
+    batch, seq, _, head_dim = q.shape
+    present = (batch, k.shape[2], past_key.shape[2] + seq, head_dim)
+    return torch.empty_like(q), q.new_empty(present), q.new_empty(present)
 
 
 @torch.library.custom_op("qwen2c::fused_rms_norm", mutates_args=())

@@ -1,4 +1,4 @@
-"""``qwen2c build``: checkpoint or preset -> export -> passes -> TVM -> engine dir -> parity.
+"""``qwen2c build``: checkpoint or preset -> export -> passes -> backend -> engine dir -> parity.
 
 Read top to bottom; each step logs its progress. Nothing is written at the destination until the
 engine is complete and has passed parity.
@@ -7,7 +7,6 @@ engine is complete and has passed parity.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -22,12 +21,10 @@ import torch
 
 from . import __version__, args, engine_dir
 from .checkpoint import check_reference_fits, checkpoint_dtype, load_reference, resolve_model
-from .errors import BackendUnavailableError, ConfigError, ParityError
-from .fingerprint import WEIGHT_FORMAT, engine_fingerprint
-from .fingerprint import encode as encode_fingerprint
+from .errors import ConfigError, ParityError
+from .fingerprint import WEIGHT_FORMAT
 from .interrupts import deferred as interrupt_deferred
 from .interrupts import interrupt_guard
-from .isolate import ChildDied, run_forked
 from .memory import DTYPE_BYTES
 from .model_config import context_limit, moe_layers
 from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
@@ -39,7 +36,6 @@ from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-FULL_DISK_BYTES = 16 << 20  # a write that died with less free than this ran out of space
 
 
 def build(
@@ -56,6 +52,7 @@ def build(
     sign_key: str | Path | None = None,
     quantize: str | None = None,
     group_size: int | str | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -67,6 +64,8 @@ def build(
     context). ``sign_key``: an Ed25519 private key (PEM) that signs the manifest (``signing.py``).
     ``quantize`` ("int8", "int4"; None or "none": not quantized) and ``group_size`` (32, 64): weight-only
     quantization (``quantization.py``); parity then measures what it costs (``quant_parity.py``).
+    ``backend``: which backend builds it (``--backend``; default: the target's, ``TargetSpec.backend``;
+    ``targets/backends.py``).
 
     Every argument is checked, and the destination proven writable with room for the engine,
     before any slow step. Interrupted (Ctrl-C) at any point, the build raises KeyboardInterrupt,
@@ -76,31 +75,19 @@ def build(
     start = time.monotonic()
     with interrupt_guard() as guard:
         return _build(model, target, Path(out), dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-                      sign_key, guard, start, quantize, group_size)
+                      sign_key, guard, start, quantize, group_size, backend)
 
 
 def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-           sign_key, guard, start, quantize=None, group_size=None) -> dict[str, Any]:
-    import tvm
-
-    if getattr(tvm.base, "_RUNTIME_ONLY", False):
-        raise BackendUnavailableError(
-            "this process opened an engine with TVM's runtime only (no compiler), so it cannot build. Build in a "
-            "separate process, or `import tvm` before the first qwen2c.load()."
-        )
-
-    from qwen2c.targets.registry import TARGETS, linker_for
-    from qwen2c.targets.tvm.device_code import check_device_toolchain
-    from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
+           sign_key, guard, start, quantize=None, group_size=None, backend=None) -> dict[str, Any]:
+    from qwen2c.targets.backends import BACKENDS
+    from qwen2c.targets.registry import TARGETS
 
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: qwen2c builds {', '.join(SUPPORTED_DTYPES)} engines.")
-    if moe_dispatch not in MOE_DISPATCHES:
-        raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
     fmt = weight_format(quantize, group_size)
-    spec = TARGETS.resolve(target, arch)
-    linker = linker_for(spec)  # fails fast when the library could not be linked here
-    check_device_toolchain(spec)  # likewise for device code (nvcc for CUDA, ld.lld for ROCm)
+    spec = TARGETS.resolve(target, arch, backend)
+    lowering = BACKENDS.get(spec.backend).load()
     engine_dir.check_destination(out, force)
     source = resolve_model(model)
     if dtype is None:
@@ -108,16 +95,16 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     max_context = args.max_context(max_context, context_limit(source.config))
     parity_steps = args.parity_steps(parity_steps, max_context, DEFAULT_DECODE_STEPS)
     signer = load_private_key(sign_key) if sign_key is not None else None
+    # The backend refuses what it cannot build here (toolchains, dtypes, options), before anything loads.
+    lowering.prepare(spec, dtype, {"moe_dispatch": moe_dispatch, "quantize": fmt})
 
-    from qwen2c.targets.registry import runs_on_this_host
-
-    parity_here = runs_on_this_host(spec)
+    parity_here = lowering.runs_here(spec)
     check_reference_fits(source, dtype, _host_copies(spec, parity_here))  # memory first, then the disk
     guard.checkpoint()
     with engine_dir.Staging(out) as staging:
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
         with _temporary_files_in(staging.path):
-            manifest = _build_into(staging.path, out, source, spec, linker, dtype, max_context, parity_steps,
+            manifest = _build_into(staging.path, out, source, spec, lowering, dtype, max_context, parity_steps,
                                    moe_dispatch, _Clock(progress, guard, start), fmt)
         guard.checkpoint()
         try:
@@ -134,28 +121,20 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     return manifest
 
 
-def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_context: int, parity_steps: int,
+def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, max_context: int, parity_steps: int,
                 moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
     """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
-    staging folder is not an engine)."""
+    staging folder is not an engine). ``lowering``: the backend's module (``targets/backends.py``)."""
     import transformers
-    import tvm
 
     from qwen2c.graphs.export import export_model, param_names
     from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.registry import runs_on_this_host
-    from qwen2c.targets.tvm.compile import compile_module
-    from qwen2c.targets.tvm.device_code import write_library
-    from qwen2c.targets.tvm.fingerprint import add_fingerprint
-    from qwen2c.targets.tvm.pipelines.add_kv_cache_creation import kv_cache_geometry, prefill_chunk_limit
-    from qwen2c.targets.tvm.relax_module import build_relax_module
 
     with interrupt_deferred():  # the compiler's modules (interrupts.py: C++ initialisation)
-        import tvm.relax  # noqa: F401
         from torch.export import export  # noqa: F401
     progress = clock.progress
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
-    parity_here = runs_on_this_host(spec)
+    parity_here = lowering.runs_here(spec)
     config, reference = load_reference(source, dtype, copies=_host_copies(spec, parity_here))
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
     program = export_model(reference, max_context)
@@ -167,52 +146,38 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
     if fmt:
         n = sum(f is not None for f in formats)
         progress(f"    weights: {fmt.scheme}, groups of {fmt.group}, {n} of {len(formats)} tensors quantized")
-    clock.step(f"lowering to TVM Relax and compiling for {spec.name} ({spec.tvm_target()})")
+    clock.step(f"lowering with the {spec.backend} backend and compiling for {spec.name}")
     cfg = dict(source.config)
     moe = _moe_manifest(config, moe_dispatch)
     params = _param_table(program, param_names(program), formats)
-    fingerprint = engine_fingerprint(cfg, dtype, params, max_context, spec.to_json(), moe, _weight_format(fmt))
-    module = add_fingerprint(build_relax_module(program, config, dtype, moe_dispatch, formats),
-                             encode_fingerprint(fingerprint))
-    compiled = compile_module(module, spec)
-    if compiled.launches:
-        n = compiled.launches
-        progress(f"    decode step: {n['kernels']} kernels + {n['kv_cache_calls']} KV-cache calls; "
-                 f"{n['host_launches']} host launches ({n['kernels_in_graphs']} kernels in "
-                 f"{n['graph_replays']} CUDA-graph replays)")
+    # What the backend may record of the build (the TVM backend fingerprints its library with it).
+    options = {"moe_dispatch": moe_dispatch, "quantize": fmt, "formats": formats, "model_config": cfg,
+               "params": params, "moe": moe, "weight_format": _weight_format(fmt)}
+    lowered = lowering.lower(program, config, spec, dtype, max_context, options, progress)
 
     clock.step("writing the engine")
     try:
-        # Forked: LLVM aborts the process when a write fails (a disk filling now), see isolate.py.
-        device_code = run_forked(lambda: write_library(compiled.executable, spec, staging / engine_dir.LIBRARY,
-                                                       linker, progress))
-        _save_weights(program, params, staging / engine_dir.WEIGHTS, compiled.weight_layout, formats)
+        fields = lowering.write(lowered, staging, progress)  # the backend's files and manifest fields
+        # Laid out as the backend uses the weights (TVM: its concatenations end to end), if it says.
+        _save_weights(program, params, staging / engine_dir.WEIGHTS, fields.get("weight_layout"), formats)
         (staging / engine_dir.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer = (write_qwen2_tokenizer(staging) if source.is_preset else copy_tokenizer(source.tokenizer_files, staging))
-    except ChildDied as e:
-        if shutil.disk_usage(staging).free < FULL_DISK_BYTES:
-            raise engine_dir.output_error(out, OSError(errno.ENOSPC, "No space left on device")) from None
-        raise RuntimeError(f"writing the compiled library failed: the process writing it {e}") from None
     except Exception as e:  # a full or vanished disk shows up as OSError, or as the linker's or safetensors' error
         raise engine_dir.output_error(out, e) or e from None
     manifest: dict[str, Any] = {
         "model": {"source": source.name, "preset": source.is_preset, "config": cfg,
                   "parameters": source.param_count()},
         "target": spec.to_json(),
-        "device_code": device_code,
-        "launches": compiled.launches,
+        **{k: v for k, v in fields.items() if k != "versions"},
         "backend": spec.backend,
         "dtype": dtype,
         "weight_format": _weight_format(fmt),
         "max_context": max_context,
-        "prefill_chunk": prefill_chunk_limit(kv_cache_geometry(module)),
         "moe": moe,
-        "versions": {"qwen2c": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
+        "versions": {"qwen2c": __version__, **fields.get("versions", {}), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "passes": [r.to_json() for r in reports],
         "params": [{"name": p["name"], "key": p["key"]} for p in params],
-        # transform_params' outputs as concatenations of params (stored end to end): see runtime.
-        "weight_layout": compiled.weight_layout,
         "tokenizer": tokenizer,
         "quantization": quantization_manifest(fmt, program, formats, source) if fmt else None,
         "parity": None,

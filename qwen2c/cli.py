@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", default=None,
                    help="GPU architectures, comma-separated (cuda: sm_75, sm_80, sm_86, sm_89, sm_90, default sm_90, "
                         "several go into one fatbin; rocm: gfx90a, gfx942)")
+    b.add_argument("--backend", default=None,
+                   help="backend where the target has several: tvm (default), onnxruntime (llvm, cuda), "
+                        "tensorrt (cuda)")
     b.add_argument("-o", "--output", required=True, help="engine directory to create")
     b.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="weight and activation dtype (default: float32 on CPUs; on GPUs the checkpoint's, "
@@ -86,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--group-size", type=int, default=None, choices=(32, 64),
                    help="inputs per quantization scale (default 32, as llama.cpp's Q8_0/Q4_0)")
 
+    x = sub.add_parser("export-onnx", help="the fused ONNX of a model, for your own runtime",
+                       description="Trace, rewrite and export a model to ONNX (opset 23): each fused op one node, "
+                                   "the KV cache as past/present inputs and outputs.")
+    x.add_argument("--model", required=True, help="checkpoint directory or preset")
+    x.add_argument("-o", "--output", required=True, help="folder to create")
+    x.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    x.add_argument("--max-context", type=int, default=None, help="longest sequence (RoPE tables); default 4096")
+    x.add_argument("--ops", default="onnxruntime", choices=("onnxruntime", "standard"),
+                   help="onnxruntime: GroupQueryAttention and MoE contrib ops (default); standard: opset-23 "
+                        "RotaryEmbedding + Attention (what TensorRT parses)")
+    x.add_argument("--force", action="store_true", help="replace an existing export (only once the new one is complete)")
+
     i = sub.add_parser("inspect", help="trace and rewrite a model at full size without loading weights",
                        description="Export a model on meta tensors (no memory for weights), run the graph passes "
                                    "and report what they fused and the shapes the rewritten program produces.")
@@ -104,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check an engine against the transformers reference",
                        description="Re-run the parity check of an engine against transformers on its own weights.")
-    v.add_argument("engine", help="engine directory")
+    v.add_argument("engine", nargs="+", help="engine directory; two engines of one model (e.g. tvm and onnxruntime) "
+                                             "are also compared with each other (logits, greedy agreement)")
     v.add_argument("--decode-steps", type=_count, default=8, help="decode steps compared (default 8)")
     v.add_argument("--no-record", action="store_true",
                    help="do not write the result into the engine's manifest (default: record it)")
@@ -157,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         if args.command in ("build", "verify", "bench", "inspect"):
             _import_heavy_modules()
-        return {"build": _build, "inspect": _inspect, "run": _run, "verify": _verify, "bench": _bench,
-                "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
+        return {"build": _build, "export-onnx": _export_onnx, "inspect": _inspect, "run": _run, "verify": _verify,
+                "bench": _bench, "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
     except Qwen2cError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -202,10 +218,19 @@ def _build(args) -> int:
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
                      arch=args.arch, progress=_progress, sign_key=args.sign_key,
-                     quantize=args.quantize, group_size=args.group_size)
+                     quantize=args.quantize, group_size=args.group_size, backend=args.backend)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
-    print(f"built {args.output} ({manifest['target']['name']}, {manifest['dtype']}, {status})")
+    print(f"built {args.output} ({manifest['target']['name']}, {manifest['backend']}, {manifest['dtype']}, {status})")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from .export_onnx import export_onnx_dir
+
+    info = export_onnx_dir(args.model, args.output, dtype=args.dtype, max_context=args.max_context, op_set=args.ops,
+                           force=args.force, progress=_progress)
+    print(f"exported {args.output}: " + ", ".join(f"{k} {v}" for k, v in info["nodes"].items()))
     return 0
 
 
@@ -237,7 +262,15 @@ def _run(args) -> int:
 def _verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.engine, decode_steps=args.decode_steps, record=not args.no_record,
+    if len(args.engine) > 2:
+        raise Qwen2cError(f"verify takes one engine, or two to compare; got {len(args.engine)}.")
+    if len(args.engine) == 2:
+        from .compare import format_verify_pair, verify_pair
+
+        result = verify_pair(*args.engine, decode_steps=args.decode_steps)
+        print(format_verify_pair(result))
+        return 0 if result["passed"] else 3
+    report = verify(args.engine[0], decode_steps=args.decode_steps, record=not args.no_record,
                     trusted_keys=args.trusted_key, reference=args.reference)
     from .verify import format_verify
 

@@ -149,8 +149,9 @@ def read_manifest(directory: Path, verify: bool = True, staging_ok: bool = False
         )
     files = manifest.get("files")
     expected_weights = manifest.get("expected_weights")
-    if not isinstance(files, dict) or LIBRARY not in files or (WEIGHTS not in files and expected_weights is None):
-        raise EngineError(f"{path}: the manifest's 'files' table is missing or lacks {LIBRARY}/{WEIGHTS}; rebuild.")
+    main = _main_file(directory, manifest)
+    if not isinstance(files, dict) or main not in files or (WEIGHTS not in files and expected_weights is None):
+        raise EngineError(f"{path}: the manifest's 'files' table is missing or lacks {main}/{WEIGHTS}; rebuild.")
     if verify:
         verify_files(directory, manifest)
     return manifest
@@ -163,6 +164,13 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
     _verify_checksums(Path(directory), files)
     if WEIGHTS not in files:
         _verify_supplied_weights(Path(directory) / WEIGHTS, manifest.get("expected_weights"))
+
+
+def _main_file(directory: Path, manifest: dict[str, Any]) -> str:
+    """The file the manifest's backend cannot run without (TVM: model.so); refuses an unknown backend."""
+    from qwen2c.targets.backends import BACKENDS
+
+    return BACKENDS.for_engine(directory, manifest).main_file
 
 
 def _verify_checksums(directory: Path, files: dict[str, Any]) -> None:

@@ -38,25 +38,33 @@ def engine_fingerprint(config: dict[str, Any], dtype: str, params: list[dict[str
     })
 
 
+def for_build(spec, dtype: str, max_context: int, options: dict[str, Any]) -> bytes:
+    """The encoded fingerprint of a build, from the options the builder gives every backend
+    (``builder._build_into``: ``model_config``, ``params``, ``moe``, ``weight_format``)."""
+    return encode(engine_fingerprint(options["model_config"], dtype, options["params"], max_context, spec.to_json(),
+                                     options.get("moe"), options["weight_format"]))
+
+
 def encode(fingerprint: dict[str, Any]) -> bytes:
     return json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode(data: bytes, where: str) -> dict[str, Any]:
+def decode(data: bytes, where: str, what: str = "library") -> dict[str, Any]:
     try:
         value = json.loads(data.decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         value = None
     if not isinstance(value, dict) or value.get("fingerprint_version") != FINGERPRINT_VERSION:
-        raise EngineError(f"{where}: the library's fingerprint is unreadable; it was not built by this qwen2c. Rebuild.")
+        raise EngineError(f"{where}: the {what}'s fingerprint is unreadable; it was not built by this qwen2c. Rebuild.")
     return value
 
 
 def check_against_manifest(embedded: dict[str, Any], manifest: dict[str, Any], weights: dict[str, dict[str, Any]],
-                           where: str) -> None:
+                           where: str, what: str = "compiled library") -> None:
     """Refuse a library whose fingerprint disagrees with the manifest or with the weights file.
 
-    ``weights``: the weights file's header (key -> {"dtype", "shape"}).
+    ``weights``: the weights file's header (key -> {"dtype", "shape"}). ``what`` carries the
+    fingerprint (TVM: the compiled library; ONNX Runtime: the ONNX model), for the messages.
     """
     params = manifest.get("params")
     if not isinstance(params, list) or not all(isinstance(p, dict) for p in params):
@@ -73,28 +81,43 @@ def check_against_manifest(embedded: dict[str, Any], manifest: dict[str, Any], w
         path = _first_difference(embedded.get(field), _normalized(value), field)
         if path is not None:
             raise EngineError(
-                f"{where}: the manifest's {_manifest_name(path)} disagrees with what the compiled library was built "
-                f"for ({_describe(embedded.get(field), path, field)}); the manifest was edited or the library comes "
+                f"{where}: the manifest's {_manifest_name(path)} disagrees with what the {what} was built "
+                f"for ({_describe(embedded.get(field), path, field)}); the manifest was edited or the {what} comes "
                 "from another build. Refusing to run it; rebuild the engine."
             )
     built = embedded.get("params") or []
     listed = [{"name": p.get("name"), "key": p.get("key")} for p in params]
     if len(listed) != len(built):
-        raise EngineError(f"{where}: the manifest lists {len(listed)} parameters, the compiled library takes "
-                          f"{len(built)}; the library comes from another build. Rebuild the engine.")
+        raise EngineError(f"{where}: the manifest lists {len(listed)} parameters, the {what} takes "
+                          f"{len(built)}; the {what} comes from another build. Rebuild the engine.")
     for i, (want, got) in enumerate(zip(built, listed)):
         if (want["name"], want["key"]) != (got["name"], got["key"]):
             raise EngineError(f"{where}: parameter {i} is {got['name']!r} (key {got['key']!r}) in the manifest, "
-                              f"{want['name']!r} (key {want['key']!r}) in the compiled library; refusing to run it.")
+                              f"{want['name']!r} (key {want['key']!r}) in the {what}; refusing to run it.")
         found = weights.get(want["key"])
         if found is None:
-            raise EngineError(f"{where}: the weights file has no tensor {want['key']!r}, which the compiled library "
+            raise EngineError(f"{where}: the weights file has no tensor {want['key']!r}, which the {what} "
                               "takes; the weights file belongs to another engine.")
         if found.get("dtype") != want["dtype"] or list(found.get("shape", [])) != want["shape"]:
             raise EngineError(
                 f"{where}: weights-file tensor {want['key']!r} is {found.get('dtype')} {found.get('shape')}; the "
-                f"compiled library was built for {want['dtype']} {want['shape']}. Refusing to run it."
+                f"{what} was built for {want['dtype']} {want['shape']}. Refusing to run it."
             )
+
+
+def check_embedded(directory, manifest: dict[str, Any], embedded: bytes | None, carrier: str, what: str) -> None:
+    """A backend's check at load: the fingerprint ``embedded`` in the engine's file ``carrier``
+    (None: it has none) against the manifest and the weights file's header."""
+    from pathlib import Path
+
+    from .engine_dir import WEIGHTS, weights_spec
+
+    where = Path(directory) / carrier
+    if embedded is None:
+        raise EngineError(f"{where}: the {what} carries no fingerprint of what it was built for (built by an older "
+                          "qwen2c, or not by qwen2c); rebuild the engine.")
+    header = {t["name"]: t for t in weights_spec(Path(directory) / WEIGHTS)}
+    check_against_manifest(decode(embedded, str(where), what), manifest, header, str(directory), what)
 
 
 def _normalized(value):

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import engine_dir
-from .errors import EngineError, Qwen2cError
+from .errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -66,42 +66,15 @@ class Engine:
             raise EngineError(f"{self.directory}: the manifest's target or MoE layers are malformed; the engine is corrupt.")
 
     def _open_program(self):
-        backend = self.manifest.get("backend")
-        if backend != "tvm":
-            raise EngineError(f"{self.directory}: backend {backend!r} is not one this qwen2c runs (tvm).")
-        from qwen2c.targets.tvm.runtime import TvmProgram
+        """The backend the manifest names opens the engine (``targets/backends.py``)."""
+        from qwen2c.targets.backends import BACKENDS
 
-        from .weights_file import map_weights
+        backend = BACKENDS.for_engine(self.directory, self.manifest)
+        return backend.load().open_program(self.directory, self.manifest)
 
-        # Mapped, not read: the VM uses the file's pages in place where it can (weights_file.py).
-        tensors = map_weights(self.directory / engine_dir.WEIGHTS)
-        try:
-            weights = [tensors[p["key"]] for p in self.manifest["params"]]
-        except (KeyError, TypeError) as e:
-            raise EngineError(f"{self.directory}: weight {e} named in the manifest is not in the weights file.") from None
-        try:
-            return TvmProgram(
-                self.directory / engine_dir.LIBRARY, self.manifest["target"]["device"], weights, self.max_context,
-                check_fingerprint=self._check_fingerprint,
-                prefill_chunk=self.manifest.get("prefill_chunk"),
-                weight_layout=self.manifest.get("weight_layout"),
-            )
-        except Qwen2cError:  # no device or device runtime here: already says what is missing
-            raise
-        except Exception as e:  # TVM reports a bad library as a generic error
-            raise EngineError(f"{self.directory / engine_dir.LIBRARY}: could not open the compiled library ({e}).") from None
-
-    def _check_fingerprint(self, embedded: bytes | None) -> None:
-        """The library's fingerprint against the manifest and the weights file (``fingerprint.py``)."""
-        from . import fingerprint
-
-        library = self.directory / engine_dir.LIBRARY
-        if embedded is None:
-            raise EngineError(f"{library}: the compiled library carries no fingerprint of what it was built for (built "
-                              "by an older qwen2c, or not by qwen2c); rebuild the engine.")
-        header = {t["name"]: t for t in engine_dir.weights_spec(self.directory / engine_dir.WEIGHTS)}
-        fingerprint.check_against_manifest(fingerprint.decode(embedded, str(library)), self.manifest, header,
-                                           str(self.directory))
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
 
     def session(self) -> "Session":
         return Session(self)
@@ -192,7 +165,11 @@ class Session:
     def routing(self) -> list[np.ndarray]:
         """MoE engines: for each sparse layer (``engine.moe_layers``), the experts the tokens of the
         last prefill/decode call were routed to, [tokens, top_k], highest weight first. Dense: []."""
-        return [np.concatenate([chunk.numpy() for chunk in r]) for r in self._routing]
+        # A backend's routing per layer: one array per forward (ONNX Runtime), or the chunks of a
+        # chunked prefill (TVM tensors).
+        return [np.concatenate([np.asarray(c if isinstance(c, np.ndarray) else c.numpy()) for c in r])
+                if isinstance(r, (list, tuple)) else (r if isinstance(r, np.ndarray) else r.numpy())
+                for r in self._routing]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; return the logits for the next."""

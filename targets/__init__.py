@@ -1,1 +1,2 @@
-"""Target descriptions (``registry``) and the backends that lower to them (``tvm``)."""
+"""Target descriptions (``registry``) and the backends that lower to them (``backends``: tvm, onnxruntime,
+tensorrt)."""

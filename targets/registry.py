@@ -19,7 +19,7 @@ from qwen2c.errors import BackendUnavailableError, Qwen2cError
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
     name: str
-    backend: str  # which backend lowers to it: "tvm"
+    backend: str  # the backend that lowers to it by default: "tvm" (targets/backends.py)
     tvm: dict[str, Any]  # a tvm.target.Target config
     device: str  # runtime device kind: "cpu", "cuda", ...
     description: str
@@ -32,6 +32,19 @@ class TargetSpec:
     multi_arch: bool = False  # GPU: one build serves several arches (CUDA: one fatbin); else one per build
     default_dtype: str = "float32"  # when --dtype is not given (GPU: the checkpoint's)
     cannot_build: str | None = None  # why TVM here cannot emit code for it (refused up front)
+    other_backends: tuple[str, ...] = ()  # further backends --backend may pick for it
+
+    def with_backend(self, backend: str | None) -> "TargetSpec":
+        """This target lowered by ``backend`` (``--backend``); refuses one that does not serve it."""
+        if not backend or backend == self.backend:
+            return self
+        from .backends import BACKENDS
+
+        BACKENDS.get(backend)  # an unknown name: the known ones
+        if backend not in self.other_backends:
+            allowed = ", ".join((self.backend, *self.other_backends))
+            raise Qwen2cError(f"--backend {backend}: target {self.name} is built by {allowed}.")
+        return dataclasses.replace(self, backend=backend, cannot_build=None)
 
     def tvm_target(self):
         import tvm
@@ -102,9 +115,9 @@ class Registry:
     def all(self) -> list[TargetSpec]:
         return [self._targets[n] for n in sorted(self._targets)]
 
-    def resolve(self, name: str, arch: str | None = None) -> TargetSpec:
+    def resolve(self, name: str, arch: str | None = None, backend: str | None = None) -> TargetSpec:
         if name == "llvm":
-            return self._targets[host_target_name()].with_arches(arch)
+            return self._targets[host_target_name()].with_arches(arch).with_backend(backend)
         try:
             spec = self._targets[name]
         except KeyError:
@@ -112,28 +125,35 @@ class Registry:
                 f"unknown target {name!r}. Known targets: {', '.join(self.names())} "
                 "('llvm' builds for this CPU; `qwen2c targets` says what each can do here)."
             ) from None
+        spec = spec.with_backend(backend)
         if spec.cannot_build:
             raise BackendUnavailableError(f"target {name}: {spec.cannot_build} Nothing was built.")
         return spec.with_arches(arch)
 
 
 TARGETS = Registry()
+# ONNX Runtime's CPU execution provider runs the ONNX export on any CPU (its kernels pick the ISA at
+# run time), so every CPU target offers it.
+_CPU_BACKENDS = ("onnxruntime",)
 TARGETS.register(TargetSpec(
     "llvm-avx2", "tvm", {"kind": "llvm", "mcpu": "core-avx2"}, "cpu",
     "x86-64 with AVX2 and FMA (Haswell, Zen and later)", 256, ("avx2", "fma"),
+    other_backends=_CPU_BACKENDS,
 ))
 TARGETS.register(TargetSpec(
     "llvm-avx512", "tvm", {"kind": "llvm", "mcpu": "skylake-avx512"}, "cpu",
     "x86-64 with AVX-512 (Skylake-SP, Ice Lake, Zen 4 and later)", 512, ("avx512f", "avx2", "fma"),
+    other_backends=_CPU_BACKENDS,
 ))
 TARGETS.register(TargetSpec(
     "llvm-x86-64", "tvm", {"kind": "llvm", "mcpu": "x86-64"}, "cpu",
     "baseline x86-64 (SSE2 only)", 128, (),
+    other_backends=_CPU_BACKENDS,
 ))
 TARGETS.register(TargetSpec(
     "llvm-aarch64", "tvm", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "cpu",
     "64-bit Arm with NEON (Graviton, Ampere, Apple silicon under Linux)", 128, (),
-    arch="aarch64", cross_compiler="aarch64-linux-gnu-gcc",
+    arch="aarch64", cross_compiler="aarch64-linux-gnu-gcc", other_backends=_CPU_BACKENDS,
 ))
 
 
@@ -143,6 +163,7 @@ TARGETS.register(TargetSpec(
                     "thread_warp_size": 32}, "cuda",
     "NVIDIA GPUs (Turing sm_75 to Hopper sm_90); device code compiled here with nvcc into a fatbin",
     arches=("sm_90",), known_arches=CUDA_ARCHES, multi_arch=True, default_dtype="checkpoint",
+    other_backends=("onnxruntime", "tensorrt"),
 ))
 TARGETS.register(TargetSpec(
     "rocm", "tvm", {"kind": "rocm"}, "rocm",

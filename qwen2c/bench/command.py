@@ -56,6 +56,10 @@ def run_command(args, progress: Callable[[str], None]) -> int:
     if args.dense_experts:
         if len(args.engines) != 1:
             raise ConfigError("--dense-experts takes one MoE engine directory.")
+        from ..engine_dir import read_manifest
+
+        if read_manifest(Path(args.engines[0]), verify=False).get("backend") != "tvm":
+            raise ConfigError("--dense-experts rebuilds the engine with TVM's dense MoE dispatch; give a tvm engine.")
         print(format_moe_bench(bench_moe_dispatch(args.engines[0], args.prompt_tokens, args.decode_tokens,
                                                   args.repeats, progress)))
         return 0

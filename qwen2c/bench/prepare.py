@@ -64,7 +64,9 @@ def plan_systems(engines: list[Path], plan: Plan, peers: list[str], cache: Path,
     names: set[str] = set()
     for e, m in manifests.items():
         label, bits = engine_precision(m)
-        name = f"qwen2c {label}" if f"qwen2c {label}" not in names else f"qwen2c {label} ({e.name})"
+        # A non-TVM engine (e.g. --backend onnxruntime) of the same model is named by its backend too.
+        base = "qwen2c" if m.get("backend", "tvm") == "tvm" else f"qwen2c-{m['backend']}"
+        name = f"{base} {label}" if f"{base} {label}" not in names else f"{base} {label} ({e.name})"
         names.add(name)
         systems.append(System(name, "qwen2c", label, bits, {"kind": "qwen2c", "path": str(e)},
                               int(_weights_bytes(e) * 1.2) + 400 * MIB, build_seconds.get(e),

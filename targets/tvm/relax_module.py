@@ -21,6 +21,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 from tvm.relax.utils import copy_with_new_vars
 
 from qwen2c.errors import UnsupportedModelError
+from qwen2c.graphs.export import attention_geometry
 from qwen2c.model_config import head_dim
 
 from .bounded_embedding import CONVERTERS as BOUNDED_EMBEDDING
@@ -86,23 +87,3 @@ def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse"
                 "kv_heads": config.num_key_value_heads, "head_dim": head_dim(config), "dtype": dtype,
                 **attention_geometry(program)}
     return out.with_attr(KV_CACHE_ATTR, geometry)
-
-
-def attention_geometry(program) -> dict:
-    """What the KV cache must know of the fused attention ops: their RoPE (inv_freq as float32
-    values, and the cos/sin scaling) and each layer's sliding window (0: full attention)."""
-    import torch
-
-    fused = [n for n in program.graph.nodes if n.target is torch.ops.qwen2c.fused_attention.default]
-    fused.sort(key=lambda n: n.args[4])
-    tensors = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs}
-    tables = set()
-    for n in fused:
-        name = tensors[n.args[3].name]
-        inv_freq = program.state_dict[name] if name in program.state_dict else program.constants[name]
-        tables.add((tuple(inv_freq.to(torch.float32).tolist()), float(n.args[5])))
-    # transformers' Qwen2 has one rotary embedding for all layers.
-    assert len(tables) == 1, f"layers use {len(tables)} different RoPE tables"
-    (inv_freq, scaling), = tables
-    return {"rope_inv_freq": list(inv_freq), "rope_scaling": scaling,
-            "sliding_windows": [int(n.args[7]) for n in fused]}
