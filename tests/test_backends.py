@@ -220,3 +220,64 @@ def test_verify_and_bench_two_engines_side_by_side(engines, capsys, tmp_path):
     assert rows["qwen2c float32"]["decode"]["8"]["tokens"] == rows["qwen2c-onnxruntime float32"]["decode"]["8"]["tokens"]
     assert main(["verify", str(engines["tvm", "dense"]), str(ort_engine)]) == 2
     assert "different models" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNNABLE, reason="the onnx extra is not installed")
+def test_onnx_backends_refuse_quantization_before_loading(tmp_path, checkpoints):
+    ckpt = str(checkpoints["dense"])
+    with pytest.raises(ConfigError, match="--quantize int8 with --backend onnxruntime: quantized weights are a TVM"):
+        qwen2c.build(ckpt, "llvm", tmp_path / "a", quantize="int8", backend="onnxruntime")
+    from qwen2c.quantization import weight_format
+    from qwen2c.targets.registry import TARGETS
+    from qwen2c.targets.tensorrt import backend as tensorrt
+
+    # Refused before TensorRT itself is looked for (it is not installed here).
+    with pytest.raises(ConfigError, match="--quantize int4 with --backend tensorrt"):
+        tensorrt.prepare(TARGETS.resolve("cuda", backend="tensorrt"), "float16", {"quantize": weight_format("int4")})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNNABLE, reason="the onnx extra is not installed")
+def test_onnxruntime_engine_refuses_an_edited_manifest_by_its_fingerprint(tmp_path, engines):
+    """model.onnx carries what it was built for: a manifest claiming a longer context than its RoPE
+    tables hold (re-checksummed, so only the fingerprint can tell) is refused naming the field."""
+    copy = tmp_path / "copy"
+    shutil.copytree(engines["onnxruntime", "dense"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["max_context"] = 4000
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="max_context disagrees with what the ONNX model was built for"):
+        qwen2c.load(copy)
+    # A model.onnx from another build (the MoE engine's) is refused too, though its checksum is listed.
+    shutil.copy(engines["onnxruntime", "moe"] / "model.onnx", copy / "model.onnx")
+    manifest = json.loads((engines["onnxruntime", "dense"] / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": qwen2c.engine_dir.sha256(copy / "model.onnx"),
+                                       "size": (copy / "model.onnx").stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="ONNX model"):
+        qwen2c.load(copy)
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNNABLE, reason="the onnx extra is not installed")
+def test_onnxruntime_engine_of_a_yarn_model_matches_transformers_and_sliding_windows_are_refused(tmp_path):
+    """The export's RoPE tables come from the model's inv_freq and attention factor (YaRN here);
+    sliding-window layers have no ONNX translation and are refused by name, nothing written."""
+    from qwen2c.errors import UnsupportedModelError
+
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    ckpt = write_checkpoint(tmp_path / "yarn", seed=5, rope_scaling=yarn, max_position_embeddings=16)
+    manifest = qwen2c.build(str(ckpt), "llvm", tmp_path / "yarn-ort", max_context=48, backend="onnxruntime")
+    assert manifest["parity"]["passed"]  # against transformers, past the original 16 positions
+    windowed = write_checkpoint(tmp_path / "sw", seed=6, use_sliding_window=True, sliding_window=8,
+                                max_window_layers=1)
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention.*--backend tvm"):
+        qwen2c.build(str(windowed), "llvm", tmp_path / "sw-ort", max_context=32, backend="onnxruntime")
+    assert not (tmp_path / "sw-ort").exists()
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNNABLE, reason="the onnx extra is not installed")
+def test_bench_dense_experts_takes_a_tvm_engine_only(engines, capsys):
+    from qwen2c.cli import main
+
+    assert main(["bench", str(engines["onnxruntime", "moe"]), "--dense-experts"]) == 2
+    assert "--dense-experts rebuilds the engine with TVM's dense MoE dispatch" in capsys.readouterr().err
