@@ -121,6 +121,10 @@ def open_program(directory: Path, manifest: dict[str, Any]):
     from .engine_builder import compute_capability
     from .runtime import TrtProgram
 
+    # No fingerprint check here, unlike the tvm and onnxruntime engines (qwen2c/fingerprint.py): a
+    # serialized plan has no metadata to carry one. What guards it: the TensorRT version and GPU
+    # below, the plan's checksum in the manifest, and its optimization profiles, which TensorRT
+    # enforces on every call (no sequence longer than the plan was built for reaches its kernels).
     built = manifest.get("tensorrt") or {}
     here = {"version": trt.__version__, "compute_capability": compute_capability()}
     for key, what in (("version", "TensorRT"), ("compute_capability", "a GPU of compute capability")):

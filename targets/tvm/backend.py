@@ -33,17 +33,17 @@ class Lowered:
 def prepare(spec, dtype: str, options: dict[str, Any]) -> None:
     from qwen2c.interrupts import deferred
 
-    with deferred():  # the compiler's modules (qwen2c/interrupts.py: C++ initialisation)
+    with deferred():  # C++ initialisation (qwen2c/interrupts.py)
         import tvm
-        import tvm.relax  # noqa: F401
-
-    from .lower_moe import MOE_DISPATCHES
-
     if getattr(tvm.base, "_RUNTIME_ONLY", False):
         raise BackendUnavailableError(
             "this process opened an engine with TVM's runtime only (no compiler), so it cannot build. Build in a "
             "separate process, or `import tvm` before the first qwen2c.load()."
         )
+    with deferred():  # the compiler's modules, likewise
+        import tvm.relax  # noqa: F401
+
+    from .lower_moe import MOE_DISPATCHES
     moe_dispatch = options.get("moe_dispatch", "sparse")
     if moe_dispatch not in MOE_DISPATCHES:
         raise ConfigError(f"--moe-dispatch {moe_dispatch!r} must be one of {', '.join(MOE_DISPATCHES)}.")
