@@ -81,7 +81,10 @@ def build(
 
 def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
            sign_key, guard, start, quantize=None, group_size=None) -> dict[str, Any]:
-    import tvm
+    with interrupt_deferred():  # interrupts.py: a Ctrl-C inside C++ initialisation can abort the process
+        import transformers  # noqa: F401
+        import tvm
+        import tvm.relax  # noqa: F401
 
     if getattr(tvm.base, "_RUNTIME_ONLY", False):
         raise BackendUnavailableError(
@@ -89,7 +92,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
             "separate process, or `import tvm` before the first qwen2c.load()."
         )
 
-    from qwen2c.targets.registry import TARGETS, linker_for
+    from qwen2c.targets.registry import TARGETS, linker_for, runs_on_this_host
     from qwen2c.targets.tvm.device_code import check_device_toolchain
     from qwen2c.targets.tvm.lower_moe import MOE_DISPATCHES
 
@@ -109,8 +112,6 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     parity_steps = args.parity_steps(parity_steps, max_context, DEFAULT_DECODE_STEPS)
     signer = load_private_key(sign_key) if sign_key is not None else None
 
-    from qwen2c.targets.registry import runs_on_this_host
-
     parity_here = runs_on_this_host(spec)
     check_reference_fits(source, dtype, _host_copies(spec, parity_here))  # memory first, then the disk
     guard.checkpoint()
@@ -118,7 +119,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
         with _temporary_files_in(staging.path):
             manifest = _build_into(staging.path, out, source, spec, linker, dtype, max_context, parity_steps,
-                                   moe_dispatch, _Clock(progress, guard, start), fmt)
+                                   parity_here, moe_dispatch, _Clock(progress, guard, start), fmt)
         guard.checkpoint()
         try:
             manifest = engine_dir.write_manifest(staging.path, manifest)
@@ -135,7 +136,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
 
 
 def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_context: int, parity_steps: int,
-                moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
+                parity_here: bool, moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
     """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
     staging folder is not an engine)."""
     import transformers
@@ -143,19 +144,14 @@ def _build_into(staging: Path, out: Path, source, spec, linker, dtype: str, max_
 
     from qwen2c.graphs.export import export_model, param_names
     from qwen2c.graphs.pipeline import run_passes
-    from qwen2c.targets.registry import runs_on_this_host
     from qwen2c.targets.tvm.compile import compile_module
     from qwen2c.targets.tvm.device_code import write_library
     from qwen2c.targets.tvm.fingerprint import add_fingerprint
     from qwen2c.targets.tvm.pipelines.add_kv_cache_creation import kv_cache_geometry, prefill_chunk_limit
     from qwen2c.targets.tvm.relax_module import build_relax_module
 
-    with interrupt_deferred():  # the compiler's modules (interrupts.py: C++ initialisation)
-        import tvm.relax  # noqa: F401
-        from torch.export import export  # noqa: F401
     progress = clock.progress
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
-    parity_here = runs_on_this_host(spec)
     config, reference = load_reference(source, dtype, copies=_host_copies(spec, parity_here))
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
     program = export_model(reference, max_context)
