@@ -80,6 +80,10 @@ def build(
 
 def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
            sign_key, guard, start, quantize=None, group_size=None, backend=None) -> dict[str, Any]:
+    with interrupt_deferred():  # interrupts.py: a Ctrl-C inside C++ initialisation can abort the process
+        import transformers  # noqa: F401
+        from torch.export import export  # noqa: F401
+    # (The backend's own modules, TVM's compiler among them, are imported likewise by its prepare.)
     from qwen2c.targets.backends import BACKENDS
     from qwen2c.targets.registry import TARGETS
 
@@ -105,7 +109,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
         with _temporary_files_in(staging.path):
             manifest = _build_into(staging.path, out, source, spec, lowering, dtype, max_context, parity_steps,
-                                   moe_dispatch, _Clock(progress, guard, start), fmt)
+                                   parity_here, moe_dispatch, _Clock(progress, guard, start), fmt)
         guard.checkpoint()
         try:
             manifest = engine_dir.write_manifest(staging.path, manifest)
@@ -122,7 +126,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
 
 
 def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, max_context: int, parity_steps: int,
-                moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
+                parity_here: bool, moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
     """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
     staging folder is not an engine). ``lowering``: the backend's module (``targets/backends.py``)."""
     import transformers
@@ -130,11 +134,8 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
     from qwen2c.graphs.export import export_model, param_names
     from qwen2c.graphs.pipeline import run_passes
 
-    with interrupt_deferred():  # the compiler's modules (interrupts.py: C++ initialisation)
-        from torch.export import export  # noqa: F401
     progress = clock.progress
     clock.step(f"loading {source.name} ({source.param_count() / 1e6:.1f}M parameters, {dtype})")
-    parity_here = lowering.runs_here(spec)
     config, reference = load_reference(source, dtype, copies=_host_copies(spec, parity_here))
     clock.step(f"exporting with torch.export (dynamic sequence length up to {max_context})")
     program = export_model(reference, max_context)

@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=_ints, default=(128, 1024, 4096), help="prompt lengths (default 128,1024,4096)")
     p.add_argument("--decode-context", type=_ints, default=(16, 128, 4000),
                    help="decode after this many tokens (default 16,128,4000)")
-    p.add_argument("--decode-steps", type=cli_count, default=32, help="decode steps timed per context and round (default 32)")
-    p.add_argument("--rounds", type=cli_count, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--threads", type=cli_count, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per context and round (default 32)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for every system (default: all this process may use)")
     p.add_argument("-o", "--output", default="bench-results", help="folder for bench.json, bench.md, bench.png, logs")
     p.add_argument("--cache", default=None, help="where ONNX exports and GGUFs are kept (default ~/.cache/qwen2c/bench)")

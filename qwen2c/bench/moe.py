@@ -17,19 +17,6 @@ from ..parity import parity_prompt
 from ..runtime import load
 
 
-def _check_counts(engine, prompt_tokens, decode_tokens, repeats) -> None:
-    """Before any work: counts are integers >= 1, and the prompt plus decode steps fit the context."""
-    from ..args import count
-    from ..errors import ConfigError
-
-    prompt = count("--prompt-tokens", prompt_tokens)
-    decode = count("--decode-tokens", decode_tokens)
-    count("--repeats", repeats)
-    if prompt + decode > engine.max_context:
-        raise ConfigError(f"--prompt-tokens {prompt} + --decode-tokens {decode} exceed this engine's maximum "
-                          f"context of {engine.max_context} tokens.")
-
-
 def _median_time(fn, repeats: int) -> float:
     fn()
     times = []
@@ -58,16 +45,21 @@ def bench_moe_dispatch(directory: str | Path, prompt_tokens: int = 128, decode_t
 
     import tvm  # noqa: F401  (all of TVM, before load() would take the runtime only: this builds too)
 
+    from ..args import count
     from ..builder import build
     from ..errors import ConfigError
 
     engine = load(directory)
-    _check_counts(engine, prompt_tokens, decode_tokens, repeats)
     moe = engine.manifest.get("moe")
     if not moe:
         raise ConfigError(f"{directory}: not a MoE engine; --dense-experts compares MoE dispatch strategies.")
     if moe["dispatch"] != "sparse":
         raise ConfigError(f"{directory}: built with --moe-dispatch {moe['dispatch']}; give the sparse engine.")
+    count("--prompt-tokens", prompt_tokens)  # shortened to fit the context (below)
+    count("--repeats", repeats)
+    if count("--decode-tokens", decode_tokens) + 2 > engine.max_context:
+        raise ConfigError(f"--decode-tokens {decode_tokens} leaves no room for a prompt in this engine's context of "
+                          f"{engine.max_context} tokens.")
     with tempfile.TemporaryDirectory(prefix="qwen2c-dense-") as tmp:
         progress("building the dense-experts variant of the same model for comparison")
         build(str(directory), engine.manifest["target"]["name"], Path(tmp) / "dense", dtype=engine.manifest["dtype"],
