@@ -17,7 +17,8 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(builder, "load_reference", refuse)
     monkeypatch.setattr("qwen2c.verify.load_reference", refuse)
-    monkeypatch.setattr("qwen2c.bench.load_reference", refuse)
+    monkeypatch.setattr("qwen2c.bench.run_bench", refuse)
+    monkeypatch.setattr("qwen2c.bench.build_engines", refuse)
 
 
 def _bad(argv, capsys, expect: str) -> None:
@@ -36,7 +37,7 @@ def _bad(argv, capsys, expect: str) -> None:
     (["build", "--model", "{ckpt}", "-o", "{out}", "--max-context", "0"], "--max-context"),
     (["build", "--model", "{ckpt}", "-o", "{out}", "--max-context", "-3"], "--max-context"),
     (["build", "--model", "{ckpt}", "-o", "{out}", "--max-context", "12.5"], "integer"),
-    (["build", "--model", "{ckpt}", "-o", "{out}", "--max-context", "257"], "max_position_embeddings (256)"),
+    (["build", "--model", "{ckpt}", "-o", "{out}", "--max-context", "257"], "context (256"),
     (["build", "--model", "{ckpt}", "-o", "{out}", "--parity-steps", "300"], "does not fit"),
     (["build", "--model", "{ckpt}", "-o", "{out}", "--max-context", "8", "--parity-steps", "7"], "at most 6"),
     (["build", "--model", "{ckpt}", "-o", "{out}", "--parity-steps", "0"], "at least 1"),
@@ -46,7 +47,8 @@ def _bad(argv, capsys, expect: str) -> None:
     (["verify", "{engine}", "--decode-steps", "-2"], "--decode-steps"),
     (["verify", "{engine}", "--decode-steps", "63"], "does not fit"),
     (["bench", "{engine}", "--repeats", "0"], "--repeats"),
-    (["bench", "{engine}", "--prompt-tokens", "60", "--decode-tokens", "10"], "maximum context"),
+    (["bench", "{engine}", "--rounds", "0"], "--rounds"),
+    (["bench", "{engine}", "--prefill", "0,8"], "--prefill"),
     (["bench", "{engine}", "--decode-tokens", "x"], "integer"),
     (["inspect", "--model", "{ckpt}", "--max-context", "0"], "--max-context"),
     (["run", "{engine}", "--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens"),
