@@ -243,8 +243,10 @@ def _verified_mark(file: Path, st: os.stat_result, digest: Any) -> Path | None:
 
 def weights_spec(path: Path) -> list[dict[str, Any]]:
     """Name, dtype (safetensors' spelling: F32, BF16, ...) and shape of each tensor in a safetensors
-    file, in the file's order; read from its header alone."""
-    return [{"name": name, "dtype": t["dtype"], "shape": t["shape"]} for name, t in _safetensors_header(path).items()]
+    file, sorted by name (the file's order is a layout choice: weights_file.write_aligned groups and
+    aligns tensors); read from its header alone."""
+    header = _safetensors_header(path)
+    return [{"name": name, "dtype": header[name]["dtype"], "shape": header[name]["shape"]} for name in sorted(header)]
 
 
 def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:

@@ -61,6 +61,10 @@ class Engine:
         for name, value in (("model.config.vocab_size", self.vocab_size), ("max_context", self.max_context)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EngineError(f"{self.directory}: the manifest's {name} is {value!r}; the engine is corrupt.")
+        chunk = m.get("prefill_chunk")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= self.max_context):
+            raise EngineError(f"{self.directory}: the manifest's prefill_chunk is {chunk!r} (not a token count within "
+                              "the context); the engine is corrupt.")
         if not isinstance(self.moe_layers, list) or not isinstance(m.get("target"), dict) \
                 or not isinstance(m["target"].get("device"), str):
             raise EngineError(f"{self.directory}: the manifest's target or MoE layers are malformed; the engine is corrupt.")

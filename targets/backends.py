@@ -59,7 +59,7 @@ class BackendRegistry:
     def for_engine(self, directory, manifest: dict) -> Backend:
         """The backend an engine's manifest names; EngineError naming it when this qwen2c has none such."""
         name = manifest.get("backend")
-        if name not in self._backends:
+        if not isinstance(name, str) or name not in self._backends:
             raise EngineError(
                 f"{directory}: the manifest names backend {name!r}, which this qwen2c does not have "
                 f"(it runs {', '.join(self.names())}); rebuild the engine or use the qwen2c that built it."

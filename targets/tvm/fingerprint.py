@@ -16,7 +16,13 @@ from .runtime import FINGERPRINT_FUNCTION
 
 
 def add_fingerprint(mod: tvm.IRModule, data: bytes) -> tvm.IRModule:
+    return add_constant_function(mod, FINGERPRINT_FUNCTION, data)
+
+
+def add_constant_function(mod: tvm.IRModule, name: str, data: bytes) -> tvm.IRModule:
+    """``mod`` with a Relax function ``name() -> uint8[n]`` returning ``data``: facts about the build
+    that travel inside the library itself (read back by ``runtime.read_constant``)."""
     bb = relax.BlockBuilder(mod)
-    with bb.function(FINGERPRINT_FUNCTION, [], pure=True):
+    with bb.function(name, [], pure=True):
         bb.emit_func_output(relax.const(np.frombuffer(data, dtype=np.uint8).copy(), "uint8"))
     return bb.finalize().with_attrs(mod.attrs) if mod.attrs is not None else bb.finalize()

@@ -12,6 +12,7 @@ import in runtime-only mode.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -161,7 +162,9 @@ class TvmProgram:
         """
         if not self.vm.module.implements_function("transform_params"):
             layout = [[i] for i in range(len(weights))]
-        elif layout is not None and not (
+        else:
+            layout = self._library_layout(layout)
+        if layout is not None and not (
                 isinstance(layout, list) and all(isinstance(out, list) and out for out in layout)
                 and all(type(i) is int and 0 <= i < len(weights) for out in layout for i in out)):
             # The manifest is data: an index outside the parameters must not reach the views below.
@@ -174,6 +177,19 @@ class TvmProgram:
             return params, sum(_shares_memory(t, c) for t, c in zip(params, combined))
         params = [uploaded.setdefault(id(w), self._to_device(w)) for w in weights]
         return list(self.vm["transform_params"](params)), 0
+
+    def _library_layout(self, claimed):
+        """The layout the library was compiled with (None: it records none, so transform_params runs).
+
+        The manifest's copy (``claimed``) is data anyone can edit: it must agree, or the engine is refused.
+        """
+        data = read_constant(self.vm, WEIGHT_LAYOUT_FUNCTION)
+        built = None if data is None else json.loads(data.decode())
+        if claimed is not None and claimed != built:
+            raise EngineError(f"{self.where}: the manifest's weight_layout disagrees with the layout the compiled library "
+                              "was built for; the manifest was edited or the library comes from another build. Refusing "
+                              "to run it; rebuild the engine.")
+        return built
 
     def _to_device(self, array: np.ndarray) -> "tvm.runtime.Tensor":
         """``array`` as a TVM tensor: on the CPU, the same memory when aligned as TVM requires."""
@@ -222,14 +238,18 @@ class _VmFunctions:
         self.vm, self.prefill, self.decode, self.create = vm, vm["prefill"], vm["decode"], vm["create_kv_cache"]
 
 
+WEIGHT_LAYOUT_FUNCTION = "qwen2c_weight_layout"  # pipelines/record_weight_layout.py
 FINGERPRINT_FUNCTION = "qwen2c_fingerprint"  # qwen2c/fingerprint.py; embedded by targets/tvm/fingerprint.py
 
 
 def read_fingerprint(vm: VirtualMachine) -> bytes | None:
-    """The fingerprint the library was compiled with (canonical JSON bytes), or None if it has none.
+    """The fingerprint the library was compiled with (canonical JSON bytes), or None if it has none."""
+    return read_constant(vm, FINGERPRINT_FUNCTION)
 
-    It is a constant the library returns; the function runs no kernel and reads no input.
-    """
-    if not vm.module.implements_function(FINGERPRINT_FUNCTION):
+
+def read_constant(vm: VirtualMachine, name: str) -> bytes | None:
+    """The bytes the library's constant function ``name`` returns (``fingerprint.add_constant_function``),
+    or None if it has no such function. It runs no kernel and reads no input."""
+    if not vm.module.implements_function(name):
         return None
-    return vm[FINGERPRINT_FUNCTION]().numpy().tobytes()
+    return vm[name]().numpy().tobytes()

@@ -7,7 +7,8 @@ their bytes end to end, so an engine whose weights file stores each group end to
 mapped file region to the VM instead of running ``transform_params`` (which copies about half the
 weights: 0.94 GB of qwen2-0.5b's 2 GB).
 
-This pass only reads the module. It sets the module attribute ``qwen2c.weight_layout``: per output
+This pass sets the module attribute ``qwen2c.weight_layout`` and adds the same, as JSON, as the library
+function ``qwen2c_weight_layout()`` (``targets/tvm/fingerprint.py``): per output
 of ``transform_params``, the list of parameter indices whose concatenation it is (one index: the
 weight itself). When an output is anything else, it records nothing and the engine runs
 ``transform_params`` at load as before. Runs right after ``lift_weight_transforms``.
@@ -15,8 +16,13 @@ weight itself). When an output is anything else, it records nothing and the engi
 
 from __future__ import annotations
 
+import json
+
 import tvm
 from tvm import relax
+
+from ..fingerprint import add_constant_function
+from ..runtime import WEIGHT_LAYOUT_FUNCTION
 
 WEIGHT_LAYOUT_ATTR = "qwen2c.weight_layout"
 
@@ -25,7 +31,12 @@ def record_weight_layout() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="RecordWeightLayout")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         layout = weight_layout(mod)
-        return mod if layout is None else mod.with_attr(WEIGHT_LAYOUT_ATTR, layout)
+        if layout is None:
+            return mod
+        # Also inside the library: the runtime takes the layout from the code it runs, never from the
+        # manifest alone (an edited one must not regroup the weights the library receives).
+        mod = add_constant_function(mod, WEIGHT_LAYOUT_FUNCTION, json.dumps(layout).encode())
+        return mod.with_attr(WEIGHT_LAYOUT_ATTR, layout)
 
     return _pass
 
