@@ -4,7 +4,6 @@ qwen2c error naming what is wrong; never another exception, never a crash."""
 
 import json
 import os
-import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,9 +26,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 
 
 @pytest.fixture(scope="module")
-def victim(tmp_path_factory, tiny_engine):
+def victim(tmp_path_factory, tiny_checkpoint):
+    # An engine of its own: the session's tiny_engine is shared with tests that record into it.
     copy = tmp_path_factory.mktemp("fuzz") / "engine"
-    shutil.copytree(tiny_engine, copy)
+    qwen2c.build(str(tiny_checkpoint), "llvm", copy, max_context=64)
     return copy, json.loads((copy / "manifest.json").read_text()), (copy / "model.safetensors").read_bytes()
 
 
