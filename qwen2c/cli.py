@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__
@@ -319,5 +320,17 @@ def _targets(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``qwen2c`` program. After an interrupt it ends at once: the build has already removed what
+    it staged, and the compiler's objects torn down at exit would print C++ warnings after the
+    one line that says what happened."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -57,7 +57,6 @@ def run_forked(step: Callable[[], Any]) -> Any:
         code = 1
         try:
             os.close(read)
-            _exit_at_c_exit()
             code = _child(step, write)
         finally:
             os._exit(code)
@@ -79,20 +78,3 @@ def run_forked(step: Callable[[], Any]) -> Any:
     if kind == "error":
         raise value
     return value
-
-
-_C_EXIT_HANDLER = None
-
-
-def _exit_at_c_exit() -> None:
-    """In the child: a C ``exit()`` (LLVM calls it when a write fails) ends the process at once.
-
-    Registered after every library's static destructors, so it runs before them: a forked child
-    holds copies of the parent's locks whose owners do not exist here, and running TVM's
-    destructors in it was seen to hang. The parent reads the missing result as ChildDied.
-    """
-    import ctypes
-
-    global _C_EXIT_HANDLER
-    _C_EXIT_HANDLER = ctypes.CFUNCTYPE(None)(lambda: os._exit(1))
-    ctypes.CDLL(None).atexit(_C_EXIT_HANDLER)
