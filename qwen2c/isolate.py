@@ -8,11 +8,15 @@ for any other failure.
 
 The child inherits the parent's memory copy-on-write (the compiled module is not copied) and
 runs only the step given; it leaves with ``os._exit``, running no atexit handlers or finalizers
-of the parent's objects.
+of the parent's objects. Native code that calls C ``exit()`` instead (LLVM's fatal errors do) would
+run them: the static destructors of TVM's and torch's libraries, whose thread pools have no
+threads in a forked child, and were seen to wait on them forever. So the child's first act is to
+register ``_exit`` itself as the last C exit handler, which runs first and ends the child there.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
@@ -24,7 +28,18 @@ class ChildDied(Exception):
     errors exit(1) or abort())."""
 
 
+def _exit_on_c_exit(status: int) -> None:
+    """Make a C ``exit()`` in this process end it at once with ``status``: ``_exit`` registered
+    through ``__cxa_atexit``, whose one pointer argument lands in ``_exit``'s int argument."""
+    libc = ctypes.CDLL(None)
+    register = libc.__cxa_atexit
+    register.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    register.restype = ctypes.c_int
+    register(ctypes.cast(libc._exit, ctypes.c_void_p), ctypes.c_void_p(status), None)
+
+
 def _child(step: Callable[[], Any], write: int) -> int:
+    _exit_on_c_exit(3)  # not 0: a child that ends this way has no result to give
     code = 0
     try:
         payload = pickle.dumps(("ok", step()))
