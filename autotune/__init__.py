@@ -1,1 +1,1 @@
-"""Tuning (MetaSchedule sweeps and the tuning database). Empty until the tuning issue lands."""
+"""Tuning: kernel parameters (params.py), the tuning database, MetaSchedule, remote measurement, sweeps."""
