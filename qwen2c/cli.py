@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default none); the embedding, vocabulary projection and MoE experts included")
     b.add_argument("--group-size", type=int, default=None, choices=(32, 64),
                    help="inputs per quantization scale (default 32, as llama.cpp's Q8_0/Q4_0)")
+    b.add_argument("--tuning-db", action="append", default=None, metavar="DIR",
+                   help="tuning database (`qwen2c tune --db`) whose records for this target set kernel parameters; "
+                        "repeatable (default: the records qwen2c ships, where the target matches)")
+    b.add_argument("--no-tuning", action="store_true",
+                   help="every kernel with its default parameters (no tuning records, not even the shipped ones)")
 
     x = sub.add_parser("export-onnx", help="the fused ONNX of a model, for your own runtime",
                        description="Trace, rewrite and export a model to ONNX (opset 23): each fused op one node, "
@@ -136,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     from .bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(be)
+    tu = sub.add_parser("tune", help="tune an engine's kernels into a tuning database (and: merge, sweep)",
+                        description="Measure parameter choices of qwen2c's kernels (and MetaSchedule schedules of TVM's "
+                                    "TIR kernels) for a model and target; each measurement is recorded as it is made, "
+                                    "so an interrupted run resumes. `qwen2c build --tuning-db DIR` applies them.")
+    from qwen2c.autotune.command import add_arguments as add_tune_arguments
+
+    add_tune_arguments(tu)
     pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
                         description="Copy engines, qwen2c, TVM's runtime (not its compiler) and tvm_ffi for a given "
                                     "Python into one folder that runs them offline, with numpy (and torch, "
@@ -172,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         command = f"qwen2c {args.command}"
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        if args.command in ("build", "verify", "bench", "inspect"):
+        if args.command in ("build", "verify", "bench", "inspect", "tune"):
             _import_heavy_modules()
         return {"build": _build, "export-onnx": _export_onnx, "inspect": _inspect, "run": _run, "verify": _verify,
-                "bench": _bench, "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
+                "bench": _bench, "tune": _tune, "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
     except Qwen2cError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -219,7 +231,8 @@ def _build(args) -> int:
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
                      arch=args.arch, progress=_progress, sign_key=args.sign_key,
-                     quantize=args.quantize, group_size=args.group_size, backend=args.backend)
+                     quantize=args.quantize, group_size=args.group_size, backend=args.backend,
+                     tuning_db=args.tuning_db, no_tuning=args.no_tuning)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['backend']}, {manifest['dtype']}, {status})")
@@ -288,6 +301,12 @@ def _inspect(args) -> int:
 
 def _bench(args) -> int:
     from .bench.command import run_command
+
+    return run_command(args, _progress)
+
+
+def _tune(args) -> int:
+    from qwen2c.autotune.command import run_command
 
     return run_command(args, _progress)
 
