@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
@@ -340,15 +341,16 @@ def _targets(args) -> int:
 
 
 def entry() -> None:
-    """The ``qwen2c`` program. After an interrupt it ends at once: the build has already removed what
-    it staged, and the compiler's objects torn down at exit would print C++ warnings after the
-    one line that says what happened."""
+    """The ``qwen2c`` program. It ends at once when ``main`` returns: what it wrote is complete and
+    closed, and the seconds that tearing down TVM's and torch's objects take are a window in which
+    a Ctrl-C would kill it by signal (after an interrupt, that teardown also prints C++ warnings
+    after the one line that says what happened). Ctrl-C is held back from here on."""
     code = main()
-    if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    sys.exit(code)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
