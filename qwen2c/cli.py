@@ -136,6 +136,17 @@ def _parser() -> argparse.ArgumentParser:
     from .bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(be)
+    tu = sub.add_parser("tune", help="tune kernels; `tune sweep SPEC`: build and time a grid of configurations",
+                        description="Tuning. `qwen2c tune sweep SPEC` builds and benchmarks every point of the grid "
+                                    "a spec file describes and writes results.{csv,json,png}.")
+    tune_sub = tu.add_subparsers(dest="tune_command", required=True, parser_class=_Parser)
+    sw = tune_sub.add_parser("sweep", help="build and benchmark a grid of configurations; resumable",
+                             description="Build and benchmark every point of the grid in SPEC (TOML); each point's "
+                                         "speed is a ratio to the baseline point timed in the same run. An "
+                                         "interrupted sweep resumes where it stopped.")
+    from qwen2c.autotune.sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(sw)
     pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
                         description="Copy engines, qwen2c, TVM's runtime (not its compiler) and tvm_ffi for a given "
                                     "Python into one folder that runs them offline, with numpy (and torch, "
@@ -172,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         command = f"qwen2c {args.command}"
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        if args.command in ("build", "verify", "bench", "inspect"):
+        if args.command in ("build", "verify", "bench", "inspect", "tune"):
             _import_heavy_modules()
         return {"build": _build, "export-onnx": _export_onnx, "inspect": _inspect, "run": _run, "verify": _verify,
-                "bench": _bench, "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
+                "bench": _bench, "tune": _tune, "pack": _pack, "targets": _targets, "keygen": _keygen}[args.command](args)
     except Qwen2cError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -288,6 +299,12 @@ def _inspect(args) -> int:
 
 def _bench(args) -> int:
     from .bench.command import run_command
+
+    return run_command(args, _progress)
+
+
+def _tune(args) -> int:
+    from qwen2c.autotune.sweep import run_command
 
     return run_command(args, _progress)
 
