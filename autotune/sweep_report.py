@@ -120,8 +120,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 bar.set_edgecolor("black")
                 bar.set_linewidth(2.5)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.set_ylabel("speed / baseline (same run)")
-        ax.set_title(f"{what}: tokens/s as a ratio to the baseline" + (f" (best: point {best['point']})" if best else ""))
+        ax.set_ylabel("tokens/s ÷ baseline's (same run)")
+        ax.set_title(what + (f"; best: point {best['point']}" if best else ""), fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(rows)), labels, fontsize=8)
     base = ", ".join(f"{k} {v}" for k, v in result["baseline"].items())
@@ -141,14 +141,14 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [f"sweep of {result['spec']['model']} ({result['spec']['target']}): {len(result['points'])} points; "
              f"speeds are ratios to the baseline ({describe(result['baseline'])}) measured in the same run",
              ""]
-    header = ["point", *result["knobs"], "decode ms/token", "decode x", "prefill tok/s", "prefill x"]
+    c, n = str(measure["decode_context"][0]), str(measure["prompt"][0])
+    header = ["point", *result["knobs"], f"decode ms/token@{c}", "decode x", f"prefill tok/s@{n}", "prefill x"]
     table = [header]
     for r in result["points"]:
         knobs = [str(r["knobs"].get(k, "")) for k in result["knobs"]]
         if r.get("error"):
             table.append([str(r["point"]), *knobs, "failed", "", "", ""])
             continue
-        c, n = str(measure["decode_context"][0]), str(measure["prompt"][0])
         table.append([str(r["point"]), *knobs, f"{r['decode'][c]['ms_per_token']:.2f}", f"{r['decode_ratio']:.2f}",
                       f"{r['prefill'][n]['tok_s']:.0f}", f"{r['prefill_ratio']:.2f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -148,7 +148,7 @@ def _positive_int(value, field: str, fail) -> int:
 
 
 def _int_list(value, field: str, fail, minimum: int) -> tuple[int, ...]:
-    items = value if isinstance(value, list) else [value]
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
     if not items:
         fail(field, "empty list; give at least one value.")
     for v in items:
