@@ -180,6 +180,12 @@ def test_a_changed_spec_is_refused_unless_restarted(two_points, tiny_checkpoint,
     assert main(["tune", "sweep", str(spec), "-o", str(out)]) == 0
     assert "resuming: 2 of 2 points already measured; 0 to go" in capsys.readouterr().err
     assert (out / "points.jsonl").read_text() == before
+    # --restart: the old points go, the new spec's are measured, on the engines already built.
+    assert main(["tune", "sweep", str(changed), "-o", str(out), "--restart"]) == 0
+    assert "building" not in capsys.readouterr().err
+    points = _points(out)
+    assert len(points) == 2 and {p["fingerprint"] for p in points} == {load_spec(changed).fingerprint()}
+    assert json.loads((out / "results.json").read_text())["spec"]["measure"]["rounds"] == 2
 
 
 def _points(out: Path) -> list[dict]:
