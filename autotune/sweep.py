@@ -157,7 +157,7 @@ class Sweep:
         self.progress(f"    building {key}")
         build(self.spec.model, self.spec.target, path, dtype=point.get("dtype"), max_context=self.spec.max_context,
               quantize=point.get("quantize"), backend=point.get("backend"), force=path.exists(),
-              progress=lambda m: self.progress(f"        {m}"), **options)
+              progress=self._indented, **options)
         return path
 
     def tuning_db(self, point: dict[str, Any]) -> Path:
@@ -174,9 +174,13 @@ class Sweep:
         self.progress(f"    tuning {point['trials']} trials into {db}")
         summary = tune(self.spec.model, self.spec.target, db, point["trials"], dtype=point.get("dtype"),
                        max_context=self.spec.max_context, quantize=point.get("quantize"),
-                       progress=lambda m: self.progress(f"        {m}"))
+                       progress=self._indented)
         _write_atomic(db / TUNED_MARKER, json.dumps(summary, indent=1, default=str) + "\n")
         return db
+
+    def _indented(self, message: str) -> None:
+        """A build's or tuning's progress, under the point it serves."""
+        self.progress("\n".join(f"        {line}" for line in str(message).splitlines()))
 
     def _build_key(self, point: dict[str, Any]) -> str:
         knobs = {k: point[k] for k in BUILD_KNOBS if k in point}
@@ -245,15 +249,18 @@ def plan_points(spec: SweepSpec) -> tuple[list[dict[str, Any]], list[str]]:
         raise ConfigError(f"{where}: model: {e}") from None
     if any(p.get("trials") for p in spec.points()):
         _check_tuner(where)
-    points, left_out, refusals = [], [], {}
+    points, refusals, counts = [], {}, {}
     for point in spec.points():
-        build = tuple((k, point.get(k)) for k in BUILD_KNOBS)
+        build = tuple((k, point[k]) for k in BUILD_KNOBS if k in point)
         if build not in refusals:
             refusals[build] = _refusal(spec, point, source, TARGETS, BACKENDS, weight_format, checkpoint_dtype)
         if refusals[build]:
-            left_out.append(f"{describe(point)}: {refusals[build]}")
+            counts[build] = counts.get(build, 0) + 1
         else:
             points.append(point)
+    # One line per build configuration refused, however many runtime knob values it came with.
+    left_out = [f"{describe(dict(build))}" + (f" ({n} points)" if n > 1 else "") + f": {refusals[build]}"
+                for build, n in counts.items()]
     if not points:
         raise ConfigError(f"{where}: grid: no combination can be built here: " + "; ".join(left_out[:4]))
     return points, left_out

@@ -97,6 +97,14 @@ def test_combinations_a_backend_refuses_are_left_out_with_its_reason(tmp_path, t
     assert sum("quantized weights are a TVM-engine format" in line for line in left_out) == 2
     assert any(line.startswith("backend onnxruntime, dtype bfloat16, quantize none: ") and "no bfloat16 kernels" in line
                for line in left_out)
+    # With a runtime knob too, still one line per build configuration refused.
+    threads = "[1, 2]" if CPUS > 1 else "[1]"
+    spec = load_spec(write_spec(tmp_path, tiny_checkpoint,
+                                f'backend = ["tvm", "onnxruntime"]\nquantize = ["int8"]\nthreads = {threads}'))
+    points, left_out = plan_points(spec)
+    assert [p["backend"] for p in points] == ["tvm"] * len(spec.grid["threads"])
+    assert len(left_out) == 1 and left_out[0].startswith("backend onnxruntime, quantize int8" +
+                                                         (" (2 points): " if CPUS > 1 else ": "))
 
 
 @pytest.mark.skipif(not HAVE_ORT or importlib.util.find_spec("qwen2c.autotune.tuner") is None,
