@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qwen2c.errors import ConfigError, Qwen2cError
+from qwen2c.errors import ConfigError, Qwen2cError, read_json_object
 
 from .sweep_spec import BUILD_KNOBS, SweepSpec, load_spec
 
@@ -60,7 +60,7 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         record = self.out / SPEC_RECORD
         if record.exists():
-            old = json.loads(record.read_text())
+            old = read_json_object(record, ConfigError)
             if old.get("fingerprint") != self.fingerprint and not restart:
                 changed = [k for k in ("model", "target", "max_context", "measure", "grid")
                            if old.get("spec", {}).get(k) != self.spec.to_json()[k]]
@@ -156,7 +156,7 @@ class Sweep:
             options["tuning_db"] = self.tuning_db(point)
         self.progress(f"    building {key}")
         build(self.spec.model, self.spec.target, path, dtype=point.get("dtype"), max_context=self.spec.max_context,
-              quantize=point.get("quantize"), backend=point.get("backend"), force=path.exists(),
+              quantize=_scheme(point.get("quantize")), backend=point.get("backend"), force=path.exists(),
               progress=self._indented, **options)
         return path
 
@@ -173,7 +173,7 @@ class Sweep:
         db.mkdir(parents=True)
         self.progress(f"    tuning {point['trials']} trials into {db}")
         summary = tune(self.spec.model, self.spec.target, db, point["trials"], dtype=point.get("dtype"),
-                       max_context=self.spec.max_context, quantize=point.get("quantize"),
+                       max_context=self.spec.max_context, quantize=_scheme(point.get("quantize")),
                        progress=self._indented)
         _write_atomic(db / TUNED_MARKER, json.dumps(summary, indent=1, default=str) + "\n")
         return db
@@ -302,6 +302,10 @@ def _check_tuner(where: Path) -> None:
     if "tuning_db" not in inspect.signature(build).parameters:
         raise ConfigError(f"{where}: grid.trials: values above 0 build with a tuning database, and this qwen2c's "
                           "build() takes none (no tuning_db argument); sweep trials = [0] only.")
+
+
+def _scheme(quantize: str | None) -> str | None:
+    return None if quantize == "none" else quantize
 
 
 def point_key(knobs: dict[str, Any]) -> str:

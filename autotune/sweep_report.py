@@ -101,17 +101,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["points"] if not r.get("error")]
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.1 * len(rows) + 2), 8.5), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.4 * len(rows) + 2), 8.5), sharex=True)
     varied = [k for k in result["knobs"] if len({repr(r["knobs"].get(k)) for r in rows}) > 1] or result["knobs"]
     labels = [_label({k: r["knobs"][k] for k in varied if k in r["knobs"]}) for r in rows]
     palette = plt.cm.tab10.colors
     first = varied[0] if varied else None
-    groups = sorted({repr(r["knobs"].get(first)) for r in rows}, key=[repr(r["knobs"].get(first)) for r in rows].index)
+    groups = list(dict.fromkeys(r["knobs"].get(first) for r in rows))  # the first varied knob's values: colours
     measure = result["spec"]["measure"]
     for ax, kind, what in ((axes[0], "decode", f"decode after {', '.join(map(str, measure['decode_context']))} tokens"),
                            (axes[1], "prefill", f"prefill of {', '.join(map(str, measure['prompt']))} tokens")):
         values = [r[f"{kind}_ratio"] for r in rows]
-        colors = [palette[groups.index(repr(r["knobs"].get(first))) % len(palette)] for r in rows]
+        colors = [palette[groups.index(r["knobs"].get(first)) % len(palette)] for r in rows]
         bars = ax.bar(range(len(rows)), values, color=colors)
         best = result["best"][kind]
         for bar, r, v in zip(bars, rows, values):
@@ -123,6 +123,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("tokens/s ÷ baseline's (same run)")
         ax.set_title(what + (f"; best: point {best['point']}" if best else ""), fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
+    if first is not None and len(groups) > 1:
+        from matplotlib.patches import Patch
+
+        axes[0].legend(handles=[Patch(color=palette[i % len(palette)], label=f"{first}={g}")
+                                for i, g in enumerate(groups)], fontsize=8)
     axes[1].set_xticks(range(len(rows)), labels, fontsize=8)
     base = ", ".join(f"{k} {v}" for k, v in result["baseline"].items())
     fig.suptitle(f"{result['spec']['model']} on {result['machine']['cpu']} ({result['spec']['target']}); "
