@@ -21,6 +21,7 @@ class TuningContext:
     target_key: dict[str, Any]  # autotune/target_key.py: the target, its features, the versions
     records: Any = None  # autotune/database.Records: the parameter records that may apply (None: defaults)
     metaschedule_dirs: list[Path] = field(default_factory=list)  # TVM tuning databases applied to TIR kernels
+    shipped: bool = False  # the records are the ones qwen2c ships (no --tuning-db given)
     # What each kernel got, for the manifest: {"kernel", "shape", "params", "source": "tuned" | "default"}.
     used: list[dict[str, Any]] = field(default_factory=list)
     # Set by ``tune``: every tunable kernel met while lowering, to be measured (autotune/tasks.py).

@@ -31,6 +31,9 @@ from .parity import DEFAULT_DECODE_STEPS, check_parity, format_report
 from .quant_parity import check_quantized_parity, format_quantized_report
 from .quantization import QWEIGHT, SCALES, quantization_manifest, weight_format, weight_formats
 from .signing import load_private_key, sign_engine
+from .autotune.apply import context_for as tuning_context_for
+from .autotune.apply import manifest_section as tuning_manifest
+from .autotune.context import using as tuning_context
 from .tokenizer import copy_tokenizer, write_qwen2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ def build(
     quantize: str | None = None,
     group_size: int | str | None = None,
     backend: str | None = None,
+    tuning_db: str | Path | list[str | Path] | None = None,
+    no_tuning: bool = False,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -66,6 +71,9 @@ def build(
     quantization (``quantization.py``); parity then measures what it costs (``quant_parity.py``).
     ``backend``: which backend builds it (``--backend``; default: the target's, ``TargetSpec.backend``;
     ``targets/backends.py``).
+    ``tuning_db``: tuning databases (``qwen2c tune --db``) whose records for this target set kernel
+    parameters; None: the records qwen2c ships, where they match; ``no_tuning``: every default
+    (``autotune/apply.py``). The manifest's ``tuning`` says which kernels were tuned.
 
     Every argument is checked, and the destination proven writable with room for the engine,
     before any slow step. Interrupted (Ctrl-C) at any point, the build raises KeyboardInterrupt,
@@ -75,11 +83,12 @@ def build(
     start = time.monotonic()
     with interrupt_guard() as guard:
         return _build(model, target, Path(out), dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-                      sign_key, guard, start, quantize, group_size, backend)
+                      sign_key, guard, start, quantize, group_size, backend, tuning_db, no_tuning)
 
 
 def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-           sign_key, guard, start, quantize=None, group_size=None, backend=None) -> dict[str, Any]:
+           sign_key, guard, start, quantize=None, group_size=None, backend=None, tuning_db=None,
+           no_tuning=False) -> dict[str, Any]:
     with interrupt_deferred():  # interrupts.py: a Ctrl-C inside C++ initialisation can abort the process
         import transformers  # noqa: F401
         from torch.export import export  # noqa: F401
@@ -101,6 +110,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     signer = load_private_key(sign_key) if sign_key is not None else None
     # The backend refuses what it cannot build here (toolchains, dtypes, options), before anything loads.
     lowering.prepare(spec, dtype, {"moe_dispatch": moe_dispatch, "quantize": fmt})
+    tuning = _tuning(spec, tuning_db, no_tuning, progress)
 
     parity_here = lowering.runs_here(spec)
     check_reference_fits(source, dtype, _host_copies(spec, parity_here))  # memory first, then the disk
@@ -109,7 +119,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
         with _temporary_files_in(staging.path):
             manifest = _build_into(staging.path, out, source, spec, lowering, dtype, max_context, parity_steps,
-                                   parity_here, moe_dispatch, _Clock(progress, guard, start), fmt)
+                                   parity_here, moe_dispatch, _Clock(progress, guard, start), fmt, tuning)
         guard.checkpoint()
         try:
             manifest = engine_dir.write_manifest(staging.path, manifest)
@@ -126,7 +136,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
 
 
 def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, max_context: int, parity_steps: int,
-                parity_here: bool, moe_dispatch: str, clock: "_Clock", fmt=None) -> dict[str, Any]:
+                parity_here: bool, moe_dispatch: str, clock: "_Clock", fmt=None, tuning=None) -> dict[str, Any]:
     """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
     staging folder is not an engine). ``lowering``: the backend's module (``targets/backends.py``)."""
     import transformers
@@ -154,7 +164,11 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
     # What the backend may record of the build (the TVM backend fingerprints its library with it).
     options = {"moe_dispatch": moe_dispatch, "quantize": fmt, "formats": formats, "model_config": cfg,
                "params": params, "moe": moe, "weight_format": _weight_format(fmt)}
-    lowered = lowering.lower(program, config, spec, dtype, max_context, options, progress)
+    with tuning_context(tuning):  # kernels take their parameters from it (autotune/params.py)
+        lowered = lowering.lower(program, config, spec, dtype, max_context, options, progress)
+    if tuning is not None:
+        section = tuning_manifest(tuning)
+        progress(f"    kernel parameters: {section['kernels_tuned']} tuned, {section['kernels_default']} default")
 
     clock.step("writing the engine")
     try:
@@ -181,6 +195,7 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
         "params": [{"name": p["name"], "key": p["key"]} for p in params],
         "tokenizer": tokenizer,
         "quantization": quantization_manifest(fmt, program, formats, source) if fmt else None,
+        "tuning": section if tuning is not None else None,
         "parity": None,
     }
     if parity_here:
@@ -214,6 +229,19 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
                  "records it in the manifest")
     manifest["build_seconds"] = round(time.monotonic() - clock.start, 1)  # reported by `qwen2c bench`
     return manifest
+
+
+def _tuning(spec, tuning_db, no_tuning: bool, progress):
+    """The tuning context of a TVM build (None for backends that take no kernel parameters); its
+    databases are checked here, before any slow step."""
+    if spec.backend != "tvm":
+        if tuning_db is not None:
+            raise ConfigError(f"--tuning-db: the {spec.backend} backend has no tunable kernels of qwen2c's; "
+                              "tuning records apply to TVM builds.")
+        return None
+    if no_tuning and tuning_db is not None:
+        raise ConfigError("--no-tuning and --tuning-db ask for opposite things; give one.")
+    return tuning_context_for(spec, tuning_db, progress, disabled=no_tuning)
 
 
 def _host_copies(spec, parity_here: bool) -> float:

@@ -42,7 +42,7 @@ DECODE = "batch_decode_paged_kv_cpu"
 DECODE_SLIDING = "batch_decode_paged_kv_cpu_sliding_window"
 EMPTY_MAX = -5.0e4  # TVM's "no score yet"; an empty sequence gets output 0 and lse EMPTY_MAX
 TILE = 16  # keys per online-softmax update (one cache page)
-SPLITS = 16  # most key ranges one (sequence, kv head) is cut into
+SPLITS = 16  # most key ranges one (sequence, kv head) is cut into (the default: autotune/params.py)
 LOG2E = math.log2(math.e)
 
 # 2**f on [0, 1): least-squares fit of degree 6 on Chebyshev nodes, relative error 1.9e-9 (below
@@ -62,13 +62,13 @@ def fast_exp2(x):
 
 
 def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_size: int,
-                  dtype: str = "float32", sliding_window: bool = False):
+                  dtype: str = "float32", sliding_window: bool = False, splits: int = SPLITS):
     """Attention of one new query per sequence over its pages (TVM's batch_decode_paged_kv_cpu)."""
     group = q_heads // kv_heads
     V = lanes_for(head_dim, min(vector, 16))  # the lane tree sum below goes up to 16
     DO = head_dim // V
     HQ = T.int32(q_heads)
-    NS = T.int32(SPLITS)
+    NS = T.int32(splits)
     PAGE = T.int32(page_size)
 
     def chunk_len(length_info, b, pages):
@@ -207,12 +207,12 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
             first = b * NS
             g = task % HQ
             st[0] = T.float32(EMPTY_MAX)
-            for r in range(SPLITS):
+            for r in range(splits):
                 st[0] = T.max(st[0], part_md[first + r, g, 0])
             st[1] = T.float32(0)
             for d in T.vectorized(head_dim):
                 acc[d] = T.float32(0)
-            for r in range(SPLITS):
+            for r in range(splits):
                 st[2] = fast_exp2(part_md[first + r, g, 0] - st[0])
                 st[1] = st[1] + part_md[first + r, g, 1] * st[2]
                 for d in T.vectorized(head_dim):

@@ -19,7 +19,9 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.script import tirx as T
 
-TILE_COLS = 4
+from qwen2c.autotune import params
+
+TILE_COLS = 4  # the default; autotune/params.py may choose another per shape
 
 
 def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int = TILE_COLS,
@@ -112,12 +114,15 @@ def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
             return expr
         k, n = int(w_ty.shape[1]), int(w_ty.shape[0])
         # One row (decode): a row tile of 1, so no work is spent on clamped duplicate rows.
-        rows = 1 if isinstance(x_ty.shape[1], tvm.tirx.IntImm) and int(x_ty.shape[1]) == 1 else tile_rows(vector)
+        one_row = isinstance(x_ty.shape[1], tvm.tirx.IntImm) and int(x_ty.shape[1]) == 1
         dtype = x_ty.dtype
-        key = (k, n, rows, dtype)
+        key = (k, n, one_row, dtype)
         if key not in kernels:
-            kernels[key] = bb.add_func(nt_matmul_kernel(k, n, vector, rows, dtype=dtype),
-                                       f"nt_matmul_k{k}_n{n}_r{rows}_{dtype}")
+            shape = {"k": k, "n": n, "rows": 1 if one_row else "m", "dtype": dtype, "vector": vector}
+            defaults = {"tile_rows": 1 if one_row else tile_rows(vector), "tile_cols": TILE_COLS}
+            func = params.kernel("nt_matmul", shape, defaults, lambda tile_rows, tile_cols: nt_matmul_kernel(
+                k, n, vector, tile_rows, tile_cols, dtype=dtype))
+            kernels[key] = bb.add_func(func, f"nt_matmul_k{k}_n{n}_{'decode' if one_row else 'prefill'}_{dtype}")
         out_ty = relax.TensorType([1, x_ty.shape[1], n], dtype)
         return relax.call_tir(kernels[key], [matches[x], matches[w]], out_ty)
 

@@ -149,8 +149,11 @@ def group_kernel(experts: int):
     return moe_group
 
 
+COL_BLOCK = 16  # column tiles per task (the default: autotune/params.py may choose another)
+
+
 def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vector: int, tile_rows: int,
-                          col_block: int = 16, dtype: str = "float32", act: int = 0,
+                          col_block: int = COL_BLOCK, dtype: str = "float32", act: int = 0,
                           quant: tuple[int, int] | None = None):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]``.
 
@@ -165,7 +168,7 @@ def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, vec
                            x_dtype=dtype, w_dtype=dtype, act=act, quant=quant)
 
 
-def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = 16,
+def grouped_down_kernel(experts: int, hidden: int, inter: int, vector: int, tile_rows: int, col_block: int = COL_BLOCK,
                         dtype: str = "float32", quant: tuple[int, int] | None = None):
     """``(h[slots, I], down[E, H, I], rows[slots], offsets[E + 1]) -> y[slots, H]``: each row of h by its
     expert's down_proj (h is already in expert order; ``rows`` is unused, kept for one signature)."""

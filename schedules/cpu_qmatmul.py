@@ -18,8 +18,9 @@ from tvm.script import tirx as T
 from .cpu_matmul import TILE_COLS
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 
-# Vectors per group unrolled up to this many (a per-channel int8 "group" is a whole row: a loop).
-_UNROLL = 8
+# Defaults (autotune/params.py may choose others per shape): vectors per group unrolled up to this
+# many (a per-channel int8 "group" is a whole row: a loop).
+UNROLL = 8
 
 
 def lanes(k: int, bits: int, group: int, vector: int) -> int:
@@ -30,19 +31,24 @@ def lanes(k: int, bits: int, group: int, vector: int) -> int:
     return v
 
 
-def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_rows: int, dtype: str = "float32"):
+def default_tile_cols(n: int) -> int:
+    return next(c for c in (TILE_COLS, 2, 1) if n % c == 0)
+
+
+def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_rows: int, dtype: str = "float32",
+                    tile_cols: int | None = None, unroll: int = UNROLL):
     """A PrimFunc ``(x[1, m, k], q, scales) -> y[1, m, n]`` in ``dtype``, summed in float32.
 
     ``k`` must be a multiple of ``group`` (and, for int4, of 32: ``WeightFormat.refusal``).
     """
     v_lanes = lanes(k, bits, group, vector)
-    tile_cols = next(c for c in (TILE_COLS, 2, 1) if n % c == 0)
+    tile_cols = tile_cols or default_tile_cols(n)
     (_, kq), (_, ng) = stored_shapes(n, k, bits, group)
     K, N, TI, TJ, V = (T.int64(x) for x in (k, n, tile_rows, tile_cols, v_lanes))
     G, NG, KQ = T.int64(group), T.int64(ng), T.int64(kq)
     subs = group // v_lanes
     SUB = T.int64(subs)
-    unroll = subs <= _UNROLL
+    unrolled = subs <= unroll
 
     def weight(q, s, j, g, sub, v):
         scale = T.Cast("float32", s[j, g])
@@ -82,7 +88,7 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
                         for v in T.vectorized(V):
                             acc[ii, jj, v] = T.float32(0)
                 for g in range(NG):
-                    if unroll:
+                    if unrolled:
                         for sub in T.unroll(SUB):
                             group_step(A, q, s, acc, w, io, jo, g, sub, m)
                     else:

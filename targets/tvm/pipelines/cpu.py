@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from qwen2c.autotune import params
 from qwen2c.schedules import cpu_moe, cpu_norm, cpu_qmatmul, dequantize
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
 from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
@@ -19,34 +20,59 @@ from .use_cpu_attention_kernels import use_cpu_attention_kernels
 
 
 def kernels(vector: int) -> dict:
-    """The CPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``."""
+    """The CPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``.
+
+    Kernels with tunable parameters ask ``autotune/params.py`` for them (a tuning record, else the
+    defaults written here)."""
     return {
         "rms_norm": lambda ins, outs, eps: cpu_norm.rms_norm_kernel(int(ins[0].shape[1]), eps, ins[0].dtype, vector),
         "moe_route": lambda ins, outs, top_k, norm: cpu_moe.route_kernel(
             int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
         "moe_dense_route": lambda ins, outs: cpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),
         "moe_group": lambda ins, outs: cpu_moe.group_kernel(int(outs[2].shape[0]) - 1),
-        "moe_grouped_swiglu": lambda ins, outs, per_token, act: cpu_moe.grouped_swiglu_kernel(
-            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, vector,
-            cpu_moe.swiglu_tile_rows(vector), dtype=ins[0].dtype, act=int(act)),
-        "moe_grouped_down": lambda ins, outs: cpu_moe.grouped_down_kernel(
-            int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), vector, tile_rows(vector),
-            dtype=ins[1].dtype),
+        "moe_grouped_swiglu": lambda ins, outs, per_token, act: _grouped(
+            "swiglu", vector, int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), ins[0].dtype,
+            top_k=per_token, act=int(act)),
+        "moe_grouped_down": lambda ins, outs: _grouped(
+            "down", vector, int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), ins[1].dtype),
         "moe_combine": lambda ins, outs: cpu_moe.combine_kernel(
             int(ins[0].shape[1]), int(ins[2].shape[1]), vector, outs[0].dtype),
         # Quantized weights (pipelines/fuse_dequantize.py): dequantized in registers.
-        "q_matmul": lambda ins, outs, bits, group: cpu_qmatmul.q_matmul_kernel(
-            int(ins[0].shape[2]), int(outs[0].shape[2]), bits, group, vector,
-            1 if _one_row(ins[0]) else tile_rows(vector), dtype=ins[0].dtype),
+        "q_matmul": lambda ins, outs, bits, group: _q_matmul(
+            vector, int(ins[0].shape[2]), int(outs[0].shape[2]), int(bits), int(group), ins[0].dtype, _one_row(ins[0])),
         "q_take": lambda ins, outs, bits, group: dequantize.take_kernel(
             int(ins[0].shape[0]), int(outs[0].shape[1]), bits, group, outs[0].dtype, ins[2].dtype),
-        "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: cpu_moe.grouped_swiglu_kernel(
-            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, vector,
-            cpu_moe.swiglu_tile_rows(vector), dtype=ins[0].dtype, act=int(act), quant=(bits, group)),
-        "moe_grouped_down_q": lambda ins, outs, bits, group: cpu_moe.grouped_down_kernel(
-            int(ins[1].shape[0]), int(outs[0].shape[1]), int(ins[0].shape[1]), vector, tile_rows(vector),
-            quant=(bits, group)),
+        "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: _grouped(
+            "swiglu", vector, int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), ins[0].dtype,
+            top_k=per_token, act=int(act), quant=(int(bits), int(group))),
+        "moe_grouped_down_q": lambda ins, outs, bits, group: _grouped(
+            "down", vector, int(ins[1].shape[0]), int(outs[0].shape[1]), int(ins[0].shape[1]), "float32",
+            quant=(int(bits), int(group))),
     }
+
+
+def _q_matmul(vector: int, k: int, n: int, bits: int, group: int, dtype: str, one_row: bool):
+    shape = {"k": k, "n": n, "rows": 1 if one_row else "m", "dtype": dtype, "vector": vector, "bits": bits,
+             "group": group}
+    defaults = {"tile_rows": 1 if one_row else tile_rows(vector), "tile_cols": cpu_qmatmul.default_tile_cols(n),
+                "unroll": cpu_qmatmul.UNROLL}
+    return params.kernel("q_matmul", shape, defaults, lambda tile_rows, tile_cols, unroll: cpu_qmatmul.q_matmul_kernel(
+        k, n, bits, group, vector, tile_rows, dtype=dtype, tile_cols=tile_cols, unroll=unroll))
+
+
+def _grouped(which: str, vector: int, experts: int, a: int, b: int, dtype: str, top_k: int = 0, act: int = 0,
+             quant=None):
+    """The experts' grouped matmuls: ``which`` "swiglu" (a = hidden, b = intermediate, over ``top_k``
+    routed copies of each token) or "down" (a = hidden, b = intermediate)."""
+    shape = {"which": which, "experts": experts, "a": a, "b": b, "dtype": dtype, "vector": vector,
+             "quant": list(quant) if quant else None}
+    if which == "swiglu":
+        defaults = {"tile_rows": cpu_moe.swiglu_tile_rows(vector), "col_block": cpu_moe.COL_BLOCK}
+        return params.kernel("moe_grouped", shape, defaults, lambda tile_rows, col_block: cpu_moe.grouped_swiglu_kernel(
+            experts, a, b, top_k, vector, tile_rows, col_block, dtype=dtype, act=act, quant=quant))
+    defaults = {"tile_rows": tile_rows(vector), "col_block": cpu_moe.COL_BLOCK}
+    return params.kernel("moe_grouped", shape, defaults, lambda tile_rows, col_block: cpu_moe.grouped_down_kernel(
+        experts, a, b, vector, tile_rows, col_block, dtype=dtype, quant=quant))
 
 
 def _one_row(ty) -> bool:

@@ -15,6 +15,7 @@ import logging
 import tvm
 from tvm import tirx
 
+from qwen2c.autotune import params
 from qwen2c.schedules.cpu_attention import (
     CACHE_PAGE_SIZE,
     PAGED_PREFILL,
@@ -24,7 +25,7 @@ from qwen2c.schedules.cpu_attention import (
     paged_prefill_sliding_kernel,
 )
 from qwen2c.schedules.cpu_blocked_attention import blocked_ragged_prefill_kernel
-from qwen2c.schedules.cpu_decode_attention import DECODE, DECODE_SLIDING, decode_kernel
+from qwen2c.schedules.cpu_decode_attention import DECODE, DECODE_SLIDING, SPLITS, decode_kernel
 
 from .add_kv_cache_creation import kv_cache_geometry
 
@@ -56,8 +57,11 @@ def _swap(mod: tvm.IRModule, vector_lanes: int) -> tvm.IRModule:
         elif symbol == PAGED_PREFILL_SLIDING and windows:
             kernel = paged_prefill_sliding_kernel(*heads, page_size=CACHE_PAGE_SIZE, window=windows[0], dtype=g["dtype"])
         elif symbol in (DECODE, DECODE_SLIDING):
-            kernel = decode_kernel(*heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"],
-                                   sliding_window=symbol == DECODE_SLIDING)
+            shape = {"kv_heads": heads[0], "q_heads": heads[1], "head_dim": heads[2], "vector": vector_lanes,
+                     "dtype": g["dtype"], "sliding_window": symbol == DECODE_SLIDING}
+            kernel = params.kernel("decode_attention", shape, {"splits": SPLITS}, lambda splits: decode_kernel(
+                *heads, page_size=CACHE_PAGE_SIZE, dtype=g["dtype"], sliding_window=symbol == DECODE_SLIDING,
+                splits=splits))
         else:
             continue
         mod[gvar] = kernel.with_attr("global_symbol", symbol)
