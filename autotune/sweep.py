@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -154,6 +153,8 @@ class Sweep:
         options: dict[str, Any] = {}
         if point.get("trials"):
             options["tuning_db"] = self.tuning_db(point)
+        elif "trials" in point:  # trials 0: every kernel parameter at its default, shipped records not applied
+            options["no_tuning"] = True
         self.progress(f"    building {key}")
         build(self.spec.model, self.spec.target, path, dtype=point.get("dtype"), max_context=self.spec.max_context,
               quantize=_scheme(point.get("quantize")), backend=point.get("backend"), force=path.exists(),
@@ -162,15 +163,15 @@ class Sweep:
 
     def tuning_db(self, point: dict[str, Any]) -> Path:
         """A tuning database of ``point``'s trials for its dtype and quantization: one whose tuning
-        finished (its marker written last), else tuned now from scratch."""
+        finished (its marker is written last), else tuned now. A tuning that was killed left its
+        measurements in the database (each appended as it is made), and ``tune`` measures only
+        what is missing."""
         from .tuner import tune  # checked importable before any work (plan_points)
 
         db = self.out / "tuning" / self._build_key(point)
         if (db / TUNED_MARKER).exists():
             return db
-        if db.exists():  # a tuning that was killed: its records may be partial
-            shutil.rmtree(db)
-        db.mkdir(parents=True)
+        db.mkdir(parents=True, exist_ok=True)
         self.progress(f"    tuning {point['trials']} trials into {db}")
         summary = tune(self.spec.model, self.spec.target, db, point["trials"], dtype=point.get("dtype"),
                        max_context=self.spec.max_context, quantize=_scheme(point.get("quantize")),
@@ -299,7 +300,7 @@ def _check_tuner(where: Path) -> None:
     except ImportError as e:
         raise ConfigError(f"{where}: grid.trials: values above 0 tune the kernels first with qwen2c.autotune.tuner, "
                           f"which this qwen2c cannot import ({e}); sweep trials = [0] only.") from None
-    if "tuning_db" not in inspect.signature(build).parameters:
+    if not {"tuning_db", "no_tuning"} <= set(inspect.signature(build).parameters):
         raise ConfigError(f"{where}: grid.trials: values above 0 build with a tuning database, and this qwen2c's "
                           "build() takes none (no tuning_db argument); sweep trials = [0] only.")
 

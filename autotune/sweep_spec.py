@@ -10,7 +10,9 @@ decode_context = [16]     # decode after this many tokens
 decode_steps = 16
 rounds = 3
 [grid]                    # every combination is one point
-trials = [0, 16]          # 0: default kernel parameters; N: `qwen2c tune` N trials, then build with them
+trials = [0, 16]          # 0: every kernel parameter at its default (build's no_tuning); N: `qwen2c tune`
+                          # N trials into OUT/tuning/, then build with that database. Left out: the build's
+                          # default (the records qwen2c ships, where they match)
 threads = [1, 2]
 dtype = ["float32", "bfloat16"]
 quantize = ["none", "int8"]

@@ -252,3 +252,18 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, tiny_checkpoint):
     for e in engines:
         engine_dir.read_manifest(e, verify=True)  # complete, every checksum right
     assert json.loads((out / "results.json").read_text())["complete"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("qwen2c.autotune.tuner") is None, reason="needs qwen2c.autotune.tuner")
+def test_tuned_points_build_with_their_tuning_database(tmp_path, tiny_checkpoint):
+    spec = write_spec(tmp_path, tiny_checkpoint, "trials = [0, 2]", measure=MEASURE)
+    result = run_sweep(spec, tmp_path / "out", progress=lambda m: None)
+    assert [r["knobs"] for r in result["points"]] == [{"trials": 0}, {"trials": 2}]
+    tuning = {r["knobs"]["trials"]: json.loads((tmp_path / "out" / r["engine"] / "manifest.json").read_text())["tuning"]
+              for r in result["points"]}
+    # trials 0: every kernel at its default (not even the shipped records); trials 2: this sweep's database.
+    assert tuning[0]["kernels_tuned"] == 0 and tuning[0]["databases"] == []
+    assert tuning[2]["kernels_tuned"] > 0 and tuning[2]["databases"] == [str(tmp_path / "out" / "tuning" /
+                                                                            Path(result["points"][1]["engine"]).name)]
+    assert (tmp_path / "out" / "tuning" / Path(result["points"][1]["engine"]).name / "sweep-tuned.json").exists()
+    assert result["points"][1]["decode_ratio"] > 0 and result["complete"]
