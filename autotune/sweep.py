@@ -51,7 +51,6 @@ class Sweep:
         self.baseline = baseline
         self.order = [baseline] + [p for p in self.points if p is not baseline]  # the baseline is timed first
         self.fingerprint = spec.fingerprint()
-        self.config = None  # the model's config (vocabulary size for the prompts), read from the first engine
 
     # -- what is done --------------------------------------------------------------------------
     def claim(self, restart: bool) -> None:
@@ -132,7 +131,7 @@ class Sweep:
             reference = None if point is self.baseline else self.engine(self.baseline)
             record.update(engine=str(engine.relative_to(self.out)), **measure_point(
                 engine, point.get("threads"), reference, self.baseline.get("threads"), self.spec,
-                self.out / "logs" / f"point-{index}", self.progress))
+                self.out / "logs" / f"point-{index}", self._indented))
         except Qwen2cError as e:
             record["error"] = str(e)
         record["seconds"] = time.time() - started
@@ -212,7 +211,7 @@ def measure_point(engine: Path, threads: int | None, reference: Path | None, ref
     if reference is not None:
         systems.append(system("baseline", reference, reference_threads))
     config = engine_dir.read_manifest(engine, verify=False)["model"]["config"]
-    measured = run(systems, plan, config["vocab_size"], log_dir, lambda m: log.debug(m))
+    measured = run(systems, plan, config["vocab_size"], log_dir, progress)
     rows = {r["name"]: r for r in summarize(systems, measured, config, plan)["systems"]}
     for row in rows.values():
         problems = ([row["error"]] if "error" in row else []) + row.get("errors", [])

@@ -64,6 +64,8 @@ CPUS = len(os.sched_getaffinity(0))
     ('model = "qwen2-tiny"\n[grid\n', "not valid TOML"),
     ('model = "no-such-preset"\n[grid]\nthreads = [1]\n', "model: "),
     ('model = "qwen2-tiny"\ntarget = "z80"\n[grid]\nthreads = [1]\n', "target: unknown target 'z80'"),
+    pytest.param('model = "qwen2-tiny"\ntarget = "cuda"\n[grid]\nthreads = [1]\n', "do not run on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU here runs CUDA engines")),
 ])
 def test_bad_specs_are_refused_naming_the_field(tmp_path, capsys, body, field):
     spec = tmp_path / "bad.toml"
