@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="tune kernels; `tune sweep SPEC`: build and time a grid of configurations",
                         description="Tuning. `qwen2c tune sweep SPEC` builds and benchmarks every point of the grid "
                                     "a spec file describes and writes results.{csv,json,png}.")
-    tune_sub = tu.add_subparsers(dest="tune_command", required=True, parser_class=_Parser)
+    tune_sub = tu.add_subparsers(dest="tune_command", required=True, metavar="COMMAND", parser_class=_Parser)
     sw = tune_sub.add_parser("sweep", help="build and benchmark a grid of configurations; resumable",
                              description="Build and benchmark every point of the grid in SPEC (TOML); each point's "
                                          "speed is a ratio to the baseline point timed in the same run. An "
