@@ -242,10 +242,22 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, tiny_checkpoint):
     assert "resuming: 1 of 2 points already measured; 1 to go" in log.read_text()
     assert len(_points(out)) == 1
 
+    # Killed again while the second point is being timed (its engine is built by then).
+    proc = _start(spec, out, log)
+    _wait_for(proc, lambda: "loading baseline" in log.read_text(), "the second point's benchmark started")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_points(out)) == 1
+    deadline = time.monotonic() + 60  # its benchmark workers see their pipe close and end
+    while _processes_naming(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_naming(out)
+
     proc = _start(spec, out, log)
     assert proc.wait(timeout=600) == 0, log.read_text()
     text = log.read_text()
     assert "resuming: 1 of 2 points already measured; 1 to go" in text and "best for decode: point" in text
+    assert "building" not in text  # the engine built before the last kill was kept
     points = _points(out)
     assert len(points) == 2 and points[0] == first[0]  # the finished point was kept, not measured again
     assert points[1]["knobs"] == {"dtype": "bfloat16"} and points[1]["decode_ratio"] > 0
@@ -269,3 +281,14 @@ def test_tuned_points_build_with_their_tuning_database(tmp_path, tiny_checkpoint
                                                                             Path(result["points"][1]["engine"]).name)]
     assert (tmp_path / "out" / "tuning" / Path(result["points"][1]["engine"]).name / "sweep-tuned.json").exists()
     assert result["points"][1]["decode_ratio"] > 0 and result["complete"]
+
+
+def _processes_naming(path: Path) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:  # ended meanwhile
+            pass
+    return found
