@@ -220,12 +220,14 @@ def measure_point(engine: Path, threads: int | None, reference: Path | None, ref
         if problems:
             raise Qwen2cError(f"{row['name']} engine: {'; '.join(problems)[:600]} (worker logs in {log_dir})")
     ours, base = rows["point"], rows.get("baseline", rows["point"])
-    decode = {str(c): {"ms_per_token": ours["decode"][str(c)]["ms_per_token"], "tokens": ours["decode"][str(c)]["tokens"],
-                  "ratio": ours["decode"][str(c)]["tok_s"] / base["decode"][str(c)]["tok_s"],
-                  "baseline_ms_per_token": base["decode"][str(c)]["ms_per_token"]} for c in spec.decode_context}
-    prefill = {str(n): {"tok_s": ours["prefill"][str(n)]["tok_s"],
-                   "ratio": ours["prefill"][str(n)]["tok_s"] / base["prefill"][str(n)]["tok_s"],
-                   "baseline_tok_s": base["prefill"][str(n)]["tok_s"]} for n in spec.prompt}
+    decode, prefill = {}, {}
+    for c in map(str, spec.decode_context):
+        mine, theirs = ours["decode"][c], base["decode"][c]
+        decode[c] = {"ms_per_token": mine["ms_per_token"], "tokens": mine["tokens"],
+                     "ratio": mine["tok_s"] / theirs["tok_s"], "baseline_ms_per_token": theirs["ms_per_token"]}
+    for n in map(str, spec.prompt):
+        mine, theirs = ours["prefill"][n], base["prefill"][n]
+        prefill[n] = {"tok_s": mine["tok_s"], "ratio": mine["tok_s"] / theirs["tok_s"], "baseline_tok_s": theirs["tok_s"]}
     return {"threads": threads, "decode": decode, "prefill": prefill,
             "decode_ratio": _geomean([v["ratio"] for v in decode.values()]),
             "prefill_ratio": _geomean([v["ratio"] for v in prefill.values()]),
@@ -358,7 +360,8 @@ def add_arguments(p) -> None:
                    help="folder for engines, points.jsonl and results.{csv,json,png} (default: the spec's name "
                         "without .toml, beside it)")
     p.add_argument("--restart", action="store_true",
-                   help="discard the points of an earlier sweep in that folder (its engines are reused where they match)")
+                   help="discard the points of an earlier sweep in that folder (its engines are reused where "
+                        "they match)")
 
 
 def run_command(args, progress: Callable[[str], None]) -> int:

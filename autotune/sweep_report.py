@@ -31,7 +31,7 @@ def write_results(sweep, final: bool) -> dict[str, Any]:
         "spec": sweep.spec.to_json(), "spec_file": str(sweep.spec.path), "fingerprint": sweep.fingerprint,
         "complete": final and len(measured) == len(sweep.points), "baseline": sweep.baseline,
         "knobs": list(sweep.spec.grid), "points": points, "left_out": sweep.left_out,
-        "missing": [describe(p) for p in sweep.points if point_key(p) not in records or records[point_key(p)].get("error")],
+        "missing": [describe(p) for p in sweep.points if records.get(point_key(p), {"error": True}).get("error")],
         "best": best, "machine": machine(),
     }
     out = sweep.out
