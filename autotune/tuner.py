@@ -184,20 +184,20 @@ class _Measurer:
         self.spec, self.remote = spec, remote
         self.target = spec.tvm_target()
 
-    def _compile(self, task: Task, params: dict[str, int]):
+    def compile(self, task: Task, params: dict[str, int]):
         import tvm
 
         func = task.make(**params).with_attr("global_symbol", "main")
         return func, tvm.compile(tvm.IRModule({"main": func}), target=self.target).mod
 
     def outputs(self, task: Task, params: dict[str, int], buckets) -> dict[int, list[np.ndarray]]:
-        func, lib = self._compile(task, params)
+        func, lib = self.compile(task, params)
         return {b: self._run(lib, _inputs(func, b))[1] for b in buckets}
 
-    def time(self, task: Task, params: dict[str, int], buckets, reference) -> tuple[float, dict[int, float]]:
+    def time(self, task: Task, params: dict[str, int], buckets, reference, compiled=None) -> tuple[float, dict[int, float]]:
         """Seconds per row summed over the buckets (a decode kernel: its one call), and per bucket;
-        raises if the choice computes something else than the defaults."""
-        func, lib = self._compile(task, params)
+        raises if the choice computes something else than the defaults. ``compiled``: from ``compile``."""
+        func, lib = compiled or self.compile(task, params)
         per_bucket = {}
         for b in buckets:
             arrays = _inputs(func, b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
@@ -89,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default none); the embedding, vocabulary projection and MoE experts included")
     b.add_argument("--group-size", type=int, default=None, choices=(32, 64),
                    help="inputs per quantization scale (default 32, as llama.cpp's Q8_0/Q4_0)")
+    b.add_argument("--tuning-db", action="append", default=None, metavar="DIR",
+                   help="tuning database (`qwen2c tune --db`) whose records for this target set kernel parameters; "
+                        "repeatable (default: the records qwen2c ships, where the target matches)")
+    b.add_argument("--no-tuning", action="store_true",
+                   help="every kernel with its default parameters (no tuning records, not even the shipped ones)")
 
     x = sub.add_parser("export-onnx", help="the fused ONNX of a model, for your own runtime",
                        description="Trace, rewrite and export a model to ONNX (opset 23): each fused op one node, "
@@ -136,17 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     from .bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(be)
-    tu = sub.add_parser("tune", help="tune kernels; `tune sweep SPEC`: build and time a grid of configurations",
-                        description="Tuning. `qwen2c tune sweep SPEC` builds and benchmarks every point of the grid "
-                                    "a spec file describes and writes results.{csv,json,png}.")
-    tune_sub = tu.add_subparsers(dest="tune_command", required=True, metavar="COMMAND", parser_class=_Parser)
-    sw = tune_sub.add_parser("sweep", help="build and benchmark a grid of configurations; resumable",
-                             description="Build and benchmark every point of the grid in SPEC (TOML); each point's "
-                                         "speed is a ratio to the baseline point timed in the same run. An "
-                                         "interrupted sweep resumes where it stopped.")
-    from qwen2c.autotune.sweep import add_arguments as add_sweep_arguments
+    tu = sub.add_parser("tune", help="tune an engine's kernels into a tuning database (and: merge, sweep)",
+                        description="Measure parameter choices of qwen2c's kernels (and MetaSchedule schedules of TVM's "
+                                    "TIR kernels) for a model and target; each measurement is recorded as it is made, "
+                                    "so an interrupted run resumes. `qwen2c build --tuning-db DIR` applies them.")
+    from qwen2c.autotune.command import add_arguments as add_tune_arguments
 
-    add_sweep_arguments(sw)
+    add_tune_arguments(tu)
     pk = sub.add_parser("pack", help="one folder that runs engines where TVM is not installed",
                         description="Copy engines, qwen2c, TVM's runtime (not its compiler) and tvm_ffi for a given "
                                     "Python into one folder that runs them offline, with numpy (and torch, "
@@ -230,7 +232,8 @@ def _build(args) -> int:
     manifest = build(args.model, args.target, args.output, dtype=args.dtype, max_context=args.max_context,
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
                      arch=args.arch, progress=_progress, sign_key=args.sign_key,
-                     quantize=args.quantize, group_size=args.group_size, backend=args.backend)
+                     quantize=args.quantize, group_size=args.group_size, backend=args.backend,
+                     tuning_db=args.tuning_db, no_tuning=args.no_tuning)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['backend']}, {manifest['dtype']}, {status})")
@@ -304,7 +307,7 @@ def _bench(args) -> int:
 
 
 def _tune(args) -> int:
-    from qwen2c.autotune.sweep import run_command
+    from qwen2c.autotune.command import run_command
 
     return run_command(args, _progress)
 
@@ -338,15 +341,16 @@ def _targets(args) -> int:
 
 
 def entry() -> None:
-    """The ``qwen2c`` program. After an interrupt it ends at once: the build has already removed what
-    it staged, and the compiler's objects torn down at exit would print C++ warnings after the
-    one line that says what happened."""
+    """The ``qwen2c`` program. It ends at once when ``main`` returns: what it wrote is complete and
+    closed, and the seconds that tearing down TVM's and torch's objects take are a window in which
+    a Ctrl-C would kill it by signal (after an interrupt, that teardown also prints C++ warnings
+    after the one line that says what happened). Ctrl-C is held back from here on."""
     code = main()
-    if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    sys.exit(code)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

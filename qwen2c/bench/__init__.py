@@ -36,29 +36,35 @@ def __getattr__(name: str):
 
 
 def build_engines(model: str, dtypes: list[str], out: Path, max_context: int | None,
-                  progress: Callable[[str], None] = log.info) -> tuple[list[Path], dict[Path, float]]:
+                  progress: Callable[[str], None] = log.info,
+                  tuning_db: list[str] | None = None) -> tuple[list[Path], dict[Path, float]]:
     """Engines of ``model`` (preset or checkpoint) in each dtype under ``out/engines/``, built here
-    (timed) unless one of the same model, dtype and context is already there."""
+    (timed) unless one of the same model, dtype, context and tuning is already there. With
+    ``tuning_db``, each dtype twice: every kernel at its defaults, and with the database's records."""
     from .. import engine_dir
     from ..builder import build
     from ..errors import EngineError
 
+    variants = [("", {})] if not tuning_db else [("-default", {"no_tuning": True}), ("-tuned", {"tuning_db": tuning_db})]
     engines, seconds = [], {}
     for dtype in dtypes:
-        path = out / "engines" / dtype
-        try:
-            m = engine_dir.read_manifest(path, verify=False)
-            if (m["model"]["source"], m["dtype"]) == (model, dtype) and m["max_context"] == (max_context or m["max_context"]):
-                progress(f"using the engine already built at {path}")
-                engines.append(path)
-                continue
-        except (EngineError, KeyError):
-            pass
-        progress(f"building {model} ({dtype}) into {path}")
-        manifest = build(model, "llvm", path, dtype=dtype, max_context=max_context, force=path.exists(),
-                         progress=progress)
-        engines.append(path)
-        seconds[path] = manifest["build_seconds"]
+        for suffix, tuning in variants:
+            path = out / "engines" / f"{dtype}{suffix}"
+            try:
+                m = engine_dir.read_manifest(path, verify=False)
+                same_tuning = (m.get("tuning") or {}).get("databases", []) == [str(d) for d in tuning.get("tuning_db", [])]
+                if (m["model"]["source"], m["dtype"]) == (model, dtype) and same_tuning and \
+                        m["max_context"] == (max_context or m["max_context"]) and (suffix or not tuning_db):
+                    progress(f"using the engine already built at {path}")
+                    engines.append(path)
+                    continue
+            except (EngineError, KeyError):
+                pass
+            progress(f"building {model} ({dtype}{', ' + suffix[1:] + ' kernel parameters' if suffix else ''}) into {path}")
+            manifest = build(model, "llvm", path, dtype=dtype, max_context=max_context, force=path.exists(),
+                             progress=progress, **tuning)
+            engines.append(path)
+            seconds[path] = manifest["build_seconds"]
     return engines, seconds
 
 

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="instead of engines: a preset or checkpoint, built here (timed) in each --dtype")
     p.add_argument("--dtype", default="float32", help="with --model: comma-separated dtypes (default float32)")
     p.add_argument("--max-context", type=cli_count, default=None, help="with --model: engines' context (default 4096)")
+    p.add_argument("--tuning-db", action="append", default=None, metavar="DIR",
+                   help="with --model: build each dtype twice, default kernel parameters and this tuning database's "
+                        "(`qwen2c tune --db`), and time both, end to end and each tuned kernel alone, in one run")
     p.add_argument("--compare", action="store_true",
                    help="also time the peers on the same weights, prompts and threads: " + ", ".join(PEERS))
     p.add_argument("--peers", type=_names, default=None,
@@ -75,12 +78,25 @@ def run_command(args, progress: Callable[[str], None]) -> int:
     plan.check()
     out = Path(args.output)
     engines, seconds = [Path(e) for e in args.engines], {}
+    if args.tuning_db and not args.model:
+        raise ConfigError("--tuning-db builds the model both ways: give --model (a preset or checkpoint).")
+    if args.tuning_db:
+        from qwen2c.autotune.database import check_folder
+
+        for folder in args.tuning_db:
+            check_folder(folder)
     if args.model:
         dtypes = _names(args.dtype)
-        engines, seconds = build_engines(args.model, dtypes, out, args.max_context, progress)
+        engines, seconds = build_engines(args.model, dtypes, out, args.max_context, progress, args.tuning_db)
     result = run_bench(engines, plan, out, compare=args.compare, peers=args.peers, llama_types=args.llama_types,
                        cache=Path(args.cache) if args.cache else DEFAULT_CACHE, build_seconds=seconds,
                        progress=progress)
+    if args.tuning_db:
+        from qwen2c.autotune.compare import compare_kernels, format_kernels, record_kernels
+
+        rows = compare_kernels([e for e in engines if e.name.endswith("-tuned")], plan.rounds, plan.threads, progress)
+        record_kernels(out, rows)
+        print(format_kernels(rows) + "\n")
     print(format_report(result))
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'} (the tables in Markdown)"
           + (f" and {result['plot']}" if result.get("plot") else ""))

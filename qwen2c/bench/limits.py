@@ -25,8 +25,10 @@ from typing import Any
 from ..errors import BackendUnavailableError
 
 # Each thread sums its slice with 4 vectors of 16 floats in flight (independent chains, so the
-# adds never wait on each other and the loads stay the bottleneck); -ffast-math lets the compiler
-# keep them as vectors. The buffer is written by the same threads first so its pages land near them.
+# adds never wait on each other and the loads stay the bottleneck); -fassociative-math lets the
+# compiler keep them as vectors. Not -ffast-math: linked with it, a shared library carries
+# crtfastmath's constructor, which turns on flush-to-zero for the whole process that loads it
+# (every later float computation in `qwen2c bench`'s process would lose its subnormals). The buffer is written by the same threads first so its pages land near them.
 _STREAM_C = r"""
 #include <pthread.h>
 #include <stddef.h>
@@ -80,7 +82,8 @@ GEMM_SIZE = 2048
 def _compile_stream(folder: Path) -> ctypes.CDLL:
     source, library = folder / "stream.c", folder / "stream.so"
     source.write_text(_STREAM_C)
-    cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread",
+    cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros",
+           "-fno-trapping-math", "-fPIC", "-shared", "-pthread",
            str(source), "-o", str(library)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -66,6 +66,9 @@ def plan_systems(engines: list[Path], plan: Plan, peers: list[str], cache: Path,
         label, bits = engine_precision(m)
         # A non-TVM engine (e.g. --backend onnxruntime) of the same model is named by its backend too.
         base = "qwen2c" if m.get("backend", "tvm") == "tvm" else f"qwen2c-{m['backend']}"
+        tuning = m.get("tuning") or {}
+        if tuning.get("kernels_tuned"):  # built with tuning records: named so beside the default build
+            label = f"{label} tuned"
         name = f"{base} {label}" if f"{base} {label}" not in names else f"{base} {label} ({e.name})"
         names.add(name)
         systems.append(System(name, "qwen2c", label, bits, {"kind": "qwen2c", "path": str(e)},

@@ -95,7 +95,7 @@ def write(lowered: Lowered, staging: Path, progress: Callable[[str], None]) -> d
 
     try:
         device_code = run_forked(lambda: write_library(lowered.compiled.executable, lowered.spec, staging / LIBRARY,
-                                                       lowered.linker, progress))
+                                                       lowered.linker, progress), disk=staging)
     except ChildDied as e:
         if shutil.disk_usage(staging).free < FULL_DISK_BYTES:
             raise OSError(errno.ENOSPC, "No space left on device") from None
