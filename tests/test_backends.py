@@ -8,6 +8,7 @@ other test uses, prompts in chunks), guarded inputs, checksums.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -281,3 +282,17 @@ def test_bench_dense_experts_takes_a_tvm_engine_only(engines, capsys):
 
     assert main(["bench", str(engines["onnxruntime", "moe"]), "--dense-experts"]) == 2
     assert "--dense-experts rebuilds the engine with TVM's dense MoE dispatch" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNNABLE, reason="needs the onnx extra")
+def test_onnxruntime_engines_take_the_thread_count_tvm_engines_take(monkeypatch):
+    # The benchmark's workers (and so a sweep's threads knob) set TVM_NUM_THREADS and OMP_NUM_THREADS.
+    from qwen2c.targets.onnxruntime.runtime import session_options
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert session_options().intra_op_num_threads == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    assert session_options().intra_op_num_threads == 3

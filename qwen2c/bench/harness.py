@@ -37,6 +37,9 @@ class Plan:
     rounds: int = 3
     settle_s: float = 0.3  # pause between systems: spinning thread pools go idle
     timeout_s: float = 1800.0  # one request (a 4,096-token prefill of a slow peer takes minutes)
+    # The machine's limits (before and after; seconds each, and a 1 GiB buffer): what fractions of
+    # peak are measured against. A sweep compares engines with each other only and leaves them out.
+    limits: bool = True
 
     def check(self) -> None:
         from ..errors import ConfigError
@@ -59,6 +62,7 @@ class System:
     memory_bytes: int  # expected resident size, to decide which workers can live at once
     prepare_s: float | None = None  # building the engine / exporting / converting, when it happened in this run
     prepare_what: str = ""
+    threads: int | None = None  # this system's own thread count (a sweep's knob); None: the plan's
 
 
 class Worker:
@@ -151,8 +155,10 @@ def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
     """
     plan.check()
     log_dir.mkdir(parents=True, exist_ok=True)
-    progress(f"measuring this machine's limits ({plan.threads} threads)")
-    limits = [measure_limits(plan.threads)]
+    limits = []
+    if plan.limits:
+        progress(f"measuring this machine's limits ({plan.threads} threads)")
+        limits.append(measure_limits(plan.threads))
     ours = [s for s in systems if s.family == "qwen2c"]
     peers = [s for s in systems if s.family != "qwen2c"]
     budget = available_bytes() - GIB - sum(s.memory_bytes for s in ours)
@@ -167,7 +173,7 @@ def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
         workers = {}
         for s in group:
             progress(f"loading {s.name}")
-            w = Worker(s, plan.threads, log_dir, plan.timeout_s)
+            w = Worker(s, s.threads or plan.threads, log_dir, plan.timeout_s)
             raw[s.name] = {"load": w.hello, "prefill": {}, "decode": {}, "errors": []}
             if "error" in w.hello:
                 progress(f"    {s.name}: failed to load: {w.hello['error'][-300:]}")
@@ -192,8 +198,9 @@ def run(systems: list[System], plan: Plan, vocab_size: int, log_dir: Path,
                 stop(workers)
     finally:
         stop(engines)
-    progress("measuring this machine's limits again")
-    limits.append(measure_limits(plan.threads))
+    if plan.limits:
+        progress("measuring this machine's limits again")
+        limits.append(measure_limits(plan.threads))
     return {"raw": raw, "limits_runs": limits, "seconds": time.perf_counter() - started, "groups": len(groups)}
 
 
@@ -236,7 +243,7 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
     """Medians, p90s, spreads and fractions of this machine's limits for every system."""
     from .roofline import prefill_flops
 
-    limits = _limits(measured["limits_runs"])
+    limits = _limits(measured["limits_runs"]) if measured["limits_runs"] else None  # None: Plan(limits=False)
     out = []
     for s in systems:
         if s.name not in measured["raw"]:  # a partial result, written while the run goes on
@@ -257,7 +264,7 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
                    peak_rss_bytes=raw.get("peak_rss_bytes"), errors=raw["errors"])
         if info.get("build_s") is not None and s.prepare_s is None:
             row["prepare_s"], row["prepare_what"] = info["build_s"], "engine build (from its manifest)"
-        peak = limits["gemm_GFLOP_s"]["float32" if s.bits == 32 else "bfloat16"]
+        peak = limits["gemm_GFLOP_s"]["float32" if s.bits == 32 else "bfloat16"] if limits else None
         row["prefill"] = {}
         # A decode measurement's prompt is a timed prefill too: a context not among the prefill
         # lengths adds a point to the prefill curve for free (marked "from_decode").
@@ -272,9 +279,9 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
             flops = prefill_flops(config, int(n))
             row["prefill"][n] = {"tok_s": int(n) / med, "median_s": med, "runs_s": times,
                                  "spread": (max(times) - min(times)) / med,
-                                 "fraction_of_peak": flops / med / (peak * 1e9), "from_decode": "from_decode" in m}
+                                 "fraction_of_peak": flops / med / (peak * 1e9) if peak else None, "from_decode": "from_decode" in m}
         row["decode"] = {}
-        floor_s = info["weight_bytes_per_token"] / (limits["bandwidth_GB_s"] * 1e9)
+        floor_s = info["weight_bytes_per_token"] / (limits["bandwidth_GB_s"] * 1e9) if limits else None
         for c, m in raw["decode"].items():
             if "skipped" in m:
                 row["decode"][c] = m
@@ -285,7 +292,7 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
             row["decode"][c] = {"ms_per_token": 1e3 * med, "p90_ms": 1e3 * percentile(steps, 0.9),
                                 "tok_s": 1 / med, "round_medians_ms": [1e3 * t for t in per_round],
                                 "spread": (max(per_round) - min(per_round)) / med,
-                                "fraction_of_roofline": floor_s / med, "tokens": m["runs"][-1]["tokens"]}
+                                "fraction_of_roofline": floor_s / med if floor_s else None, "tokens": m["runs"][-1]["tokens"]}
         shortest = min((int(n) for n, v in row["prefill"].items() if "tok_s" in v and not v["from_decode"]), default=None)
         if shortest is not None:
             row["ttft_ms"] = {"prompt_tokens": shortest, "ms": 1e3 * row["prefill"][str(shortest)]["median_s"]}

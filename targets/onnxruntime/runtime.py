@@ -25,10 +25,20 @@ def provider_available(device: str) -> bool:
     return PROVIDERS.get(device) in ort.get_available_providers()
 
 
+def thread_count() -> int:
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0))
+
+
 def session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    # Same thread count as the TVM engines (targets/tvm/runtime.py): every core this process may use.
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    # Same thread count as the TVM engines (targets/tvm/runtime.py): every core this process may use,
+    # unless TVM_NUM_THREADS or OMP_NUM_THREADS says fewer, as TVM's thread pool reads them (the
+    # benchmark's workers set both, so a sweep's thread knob reaches ONNX Runtime engines too).
+    options.intra_op_num_threads = thread_count()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers and the like stay quiet
     return options
