@@ -258,3 +258,11 @@ def test_a_build_of_the_preset_applies_the_shipped_records_only_where_the_target
         matching = [r for r in shipped if r["target"] == target_key(spec)["match"]]
         assert sum(len(v) for v in context.records.by_key.values()) == len(matching)
         assert context.records.foreign == len(shipped) - len(matching)
+
+
+def test_a_choice_within_the_noise_of_the_defaults_does_not_replace_them(tmp_path):
+    default = _record(params={"tile_rows": 4, "tile_cols": 4}, seconds=4.00e-5, default=True)
+    lines = [default, _record(params={"tile_rows": 2, "tile_cols": 8}, seconds=3.95e-5)]
+    _write_lines(tmp_path / "db", [json.dumps(r) for r in lines])
+    best = database.Records.load([tmp_path / "db"], KEY["match"]).best(default["key"], default["structure"])
+    assert best["params"] == default["params"] and best["speedup"] == 1.0
