@@ -1,0 +1,314 @@
+"""MetaSchedule for the TIR that TVM legalizes (elementwise chains, reductions): tasks, tuning, applying.
+
+qwen2c writes its own kernels (matmuls, norms, attention, MoE) and tunes their parameters itself
+(``autotune/params.py``); the rest of an engine's TIR comes from Relax's legalization, fused, and
+gets a generic schedule (``schedules/cpu_injective.py`` on CPU, DLight on GPU). Those functions are
+what MetaSchedule searches schedules for:
+
+    tir_tasks          the functions worth tuning in a module lowered up to the schedule phase
+    tune_tir           measures candidates into a TVM tuning database folder (resumable)
+    apply_tir_records  a pipeline pass: functions with a record get the tuned schedule
+
+Only static-shape functions are tuned: MetaSchedule measures one concrete shape, and a function
+with a symbolic dimension (prefill's sequence length) would be tuned for whatever size the runner
+picked. A decode step's functions are all static. Records are keyed by the function's structure
+(TVM's structural hash of the function as a one-function module named ``main``, so the same
+elementwise chain in two engines shares a record) and the target; ``metaschedule_db.py`` adds the
+TVM version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import tvm
+from tvm import relax, tirx
+
+from . import context, metaschedule_db
+
+log = logging.getLogger(__name__)
+
+TUNER = "metaschedule"
+# Loops a function already has when someone scheduled it by hand (qwen2c's own kernels, TVM's KV
+# cache): MetaSchedule's search starts from unscheduled blocks.
+_SCHEDULED_LOOPS = ("T.parallel(", "T.vectorized(", "T.unroll(", "T.thread_binding(")
+
+
+@dataclass(frozen=True)
+class TirTask:
+    """One function to tune; ``functions`` are the engine's functions with this structure."""
+
+    name: str
+    workload: tvm.IRModule  # {"main": the function}: what MetaSchedule tunes and keys its records by
+    shape: dict[str, Any]
+    functions: tuple[str, ...]
+    target: Any
+    tuner: str = TUNER
+
+    @property
+    def key(self) -> str:
+        return self.shape["workload"]
+
+
+class TirTasks(list):
+    """``tir_tasks``'s answer: the tasks, and the functions skipped for a symbolic shape."""
+
+    def __init__(self, tasks=(), symbolic=()):
+        super().__init__(tasks)
+        self.symbolic: list[str] = list(symbolic)
+
+
+def tir_tasks(mod: tvm.IRModule, target) -> TirTasks:
+    """The static-shape, unscheduled TIR functions of ``mod`` that its Relax functions call.
+
+    ``mod`` is an engine lowered up to the schedule phase (legalized, fused, dataflow lowered).
+    Skipped: functions already scheduled (``tirx.is_scheduled``, or written with parallel /
+    vector / thread loops: qwen2c's kernels and the KV cache's), loop-level TIR without blocks,
+    host functions, and functions no Relax function calls (reshapes turned into views); those with
+    a symbolic dimension are listed in ``.symbolic``.
+    """
+    called = _called(mod)
+    by_key: dict[str, TirTask] = {}
+    symbolic = []
+    for gv, func in sorted(mod.functions_items(), key=lambda item: item[0].name_hint):
+        if not isinstance(func, tirx.PrimFunc) or gv not in called or not _unscheduled(func):
+            continue
+        if not _static(func):
+            symbolic.append(gv.name_hint)
+            continue
+        workload = _workload(func)
+        shape = {"args": [f"{p.ty.dtype}{[int(d) for d in p.ty.shape]}" for p in func.params],
+                 "workload": f"{_hash(workload)}"}
+        task = by_key.get(shape["workload"])
+        if task is None:
+            by_key[shape["workload"]] = TirTask(gv.name_hint, workload, shape, (gv.name_hint,), target)
+        else:
+            by_key[shape["workload"]] = TirTask(task.name, task.workload, task.shape,
+                                                (*task.functions, gv.name_hint), target)
+    return TirTasks(by_key.values(), symbolic)
+
+
+def _called(mod: tvm.IRModule) -> set:
+    called = set()
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            called.update(relax.analysis.all_global_vars(func))
+    return called
+
+
+def _unscheduled(func: tirx.PrimFunc) -> bool:
+    """Mirrors what DLight (``schedule_cpu_injective``, the GPU rules) takes as still to schedule."""
+    attrs = func.attrs or {}
+    if bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tirx.is_host_func", False)):
+        return False
+    if not bool(attrs.get("s_tir", False)):  # no blocks: nothing for MetaSchedule's rules to work on
+        return False
+    script = func.script()
+    return not any(loop in script for loop in _SCHEDULED_LOOPS)
+
+
+def _static(func: tirx.PrimFunc) -> bool:
+    """Every parameter a buffer of constant shape (a scalar parameter is a dimension passed in)."""
+    for param in func.params:
+        shape = getattr(param.ty, "shape", None)
+        if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+            return False
+    return True
+
+
+def _workload(func: tirx.PrimFunc) -> tvm.IRModule:
+    # Named "main" whatever the engine calls it: the name is part of the structural hash.
+    return tvm.IRModule({"main": func.without_attr("global_symbol").with_attr("global_symbol", "main")})
+
+
+def _hash(mod: tvm.IRModule) -> int:
+    import tvm_ffi
+
+    return tvm_ffi.structural_hash(mod)  # what TVM's JSONDatabase writes as the workload's hash
+
+
+def apply_tir_records(target, db_dirs: list[Path] | None = None) -> tvm.transform.Pass:
+    """A pass: each static TIR function with a record for ``target`` gets the tuned schedule.
+
+    The databases are ``db_dirs``, or else the tuning context's ``metaschedule_dirs``
+    (``autotune/context.py``); with neither, or no context, the pass returns the module unchanged.
+    Each tunable function is reported in the context's ``used`` (tuned or default); when the
+    context collects ``tasks`` (``qwen2c tune``), the tasks are added there. A tuned function is
+    marked ``tirx.is_scheduled``, so the schedules that follow (``schedule_cpu_injective``, DLight)
+    leave it alone. Place it after legalization and fusion, before those schedules.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyTirRecords")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        tuning = context.current()
+        dirs = list(db_dirs) if db_dirs is not None else list(tuning.metaschedule_dirs) if tuning else []
+        collecting = tuning is not None and tuning.tasks is not None
+        if not dirs and not collecting:
+            return mod
+        tasks = tir_tasks(mod, target)
+        if collecting:
+            tuning.tasks.extend(tasks)
+        if not dirs:
+            return mod
+        return _apply(mod, tasks, metaschedule_db.load(dirs, target), target, tuning)
+
+    return _pass
+
+
+def _apply(mod: tvm.IRModule, tasks: TirTasks, loaded, target, tuning) -> tvm.IRModule:
+    mod = mod.clone()
+    tuned = 0
+    for task in tasks:
+        sch = loaded.database.query_schedule(task.workload, target, workload_name="main") if loaded.records else None
+        for name in task.functions:
+            gv = mod.get_global_var(name)
+            if sch is not None:
+                mod.update_func(gv, _as_engine_function(sch.mod["main"], mod[gv]))
+                tuned += 1
+            if tuning is not None:
+                tuning.used.append({"kernel": name, "shape": task.shape, "params": None,
+                                    "source": "tuned" if sch is not None else "default", "tuner": TUNER})
+    log.info("MetaSchedule: %d of %d static TIR functions tuned (%d records); %d with a symbolic shape "
+             "keep their default schedule", tuned, sum(len(t.functions) for t in tasks), loaded.records,
+             len(tasks.symbolic))
+    return mod
+
+
+def _as_engine_function(tuned: tirx.PrimFunc, original: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The tuned body with the engine function's own attributes (its symbol, or none), marked scheduled."""
+    func = tuned.without_attr("global_symbol")
+    for key, value in (original.attrs or {}).items():
+        func = func.with_attr(key, value)
+    return func.with_attr("tirx.is_scheduled", True)
+
+
+# Tuning ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    name: str
+    trials: int = 0  # measured candidates in the database, earlier runs included
+    best_us: float | None = None
+    new: int = 0  # measured by this run
+
+
+def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: int, runner=None,
+             progress: Callable[[str], None] = print, *, cost_model: str | None = None,
+             batch: int = 16, seed: int | None = None) -> list[TaskResult]:
+    """Tune each task (or ``tir_tasks(mod, target)``) to ``trials`` measured candidates into ``db_dir``.
+
+    Resumable: MetaSchedule appends each batch of measurements to the JSON files as it goes, so a
+    run that is interrupted or killed loses at most its current batch (``batch`` candidates); a
+    rerun counts what ``db_dir`` holds for each task and measures only the rest, its search seeded
+    with the best candidates found before. ``runner``: where candidates run (None: this machine;
+    ``rpc.metaschedule_runner`` for a remote one). ``cost_model``: "xgb" (needs xgboost), "random";
+    None picks xgb when xgboost is importable. Raises ValueError for a ``db_dir`` tuned by another TVM.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = list(mod) if isinstance(mod, list) else tir_tasks(mod, target)
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    metaschedule_db.write_marker(db_dir, target)
+    dropped = metaschedule_db.repair(db_dir)
+    if dropped:
+        progress(f"  {db_dir}: {dropped} damaged line(s) dropped (originals kept as *.damaged)")
+    measured = _measured(db_dir, target)
+    results = [TaskResult(t.name, *measured.get(t.key, (0, None))) for t in tasks]
+    todo = [(t, r) for t, r in zip(tasks, results) if r.trials < trials]
+    for task, result in zip(tasks, results):
+        if result.trials >= trials:
+            progress(f"  {task.name}: {result.trials} trials measured already, best {_us(result.best_us)}")
+    if not todo:
+        return results
+    model = cost_model or ("xgb" if _importable("xgboost") else "random")
+    if model == "random" and cost_model is None:
+        progress("  xgboost is not installed: candidates are picked at random (no cost model)")
+    database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    builder = ms.builder.LocalBuilder()
+    runner = runner or ms.runner.LocalRunner()
+    shared_model = ms.cost_model.CostModel.create(model)
+    for i, (task, result) in enumerate(todo):
+        left = trials - result.trials
+        progress(f"  [{i + 1}/{len(todo)}] {task.name} {', '.join(task.shape['args'])}: "
+                 f"{result.trials} measured, {left} to go")
+        _quiet_console()
+        (logger,) = ms.logging.get_loggers_from_work_dir(str(db_dir), [task.name])
+        context_ = ms.TuneContext(mod=task.workload, target=target, space_generator="post-order-apply",
+                                  search_strategy="evolutionary", task_name=task.name, logger=logger,
+                                  rand_state=-1 if seed is None else seed + i, num_threads="physical").clone()
+        ms.tune.tune_tasks(
+            tasks=[context_], task_weights=[1.0], work_dir=str(db_dir), max_trials_global=left,
+            num_trials_per_iter=min(batch, left), builder=builder, runner=runner, database=database,
+            cost_model=shared_model, task_scheduler="round-robin",
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                               _progress_callback(result, trials, progress)],
+        )
+    return results
+
+
+def _measured(db_dir: Path, target) -> dict[str, tuple[int, float | None]]:
+    """Per workload hash: candidates measured for ``target`` in ``db_dir``, and the best (us)."""
+    lines = metaschedule_db.read_lines(db_dir)
+    key = metaschedule_db.target_key(target)
+    out: dict[str, tuple[int, float | None]] = {}
+    for w, record in lines.records:
+        try:
+            if metaschedule_db.record_target(record) != key:
+                continue
+        except Exception:  # noqa: BLE001  (a target TVM cannot parse: not this one)
+            continue
+        shash = str(lines.workloads[w][0])
+        count, best = out.get(shash, (0, None))
+        us = _mean_us(record[1])
+        out[shash] = (count + 1, us if best is None or (us is not None and us < best) else best)
+    return out
+
+
+def _mean_us(run_secs) -> float | None:
+    # MetaSchedule stores 1e10 s for a candidate that failed to build or run.
+    if not run_secs or any(float(s) >= 1e9 for s in run_secs):
+        return None
+    return 1e6 * sum(float(s) for s in run_secs) / len(run_secs)
+
+
+def _us(value: float | None) -> str:
+    return "none valid" if value is None else f"{value:.2f} us"
+
+
+def _progress_callback(result: TaskResult, trials: int, progress: Callable[[str], None]):
+    from tvm.s_tir import meta_schedule as ms
+
+    @ms.utils.derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, _scheduler, _task_id, candidates, _builds, runs) -> None:
+            for run in runs:
+                us = None if run.error_msg else _mean_us(list(run.run_secs or []))
+                if us is not None and (result.best_us is None or us < result.best_us):
+                    result.best_us = us
+            result.trials += len(candidates)
+            result.new += len(candidates)
+            progress(f"    {result.name}: {result.trials}/{trials} trials, best {_us(result.best_us)}")
+
+    return _Progress()
+
+
+def _quiet_console() -> None:
+    """MetaSchedule logs every scheduling round to the console at INFO; keep that in its log files."""
+    # Its console handler takes the level this logger has when a task's loggers are configured,
+    # which also resets the logger to DEBUG: so before each task.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
