@@ -19,6 +19,7 @@ TVM version.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,14 @@ import tvm
 from tvm import relax, tirx
 
 from . import context, metaschedule_db
+from .metaschedule_db import merge  # noqa: F401  (``qwen2c tune merge`` merges these folders too)
 
 log = logging.getLogger(__name__)
 
 TUNER = "metaschedule"
+# Seconds per candidate's compilation, the worker's start included: TVM's 30 s default was seen to
+# fail good candidates on a busy two-core machine.
+BUILD_TIMEOUT = 120.0
 # Loops a function already has when someone scheduled it by hand (qwen2c's own kernels, TVM's KV
 # cache): MetaSchedule's search starts from unscheduled blocks.
 _SCHEDULED_LOOPS = ("T.parallel(", "T.vectorized(", "T.unroll(", "T.thread_binding(")
@@ -79,16 +84,19 @@ def tir_tasks(mod: tvm.IRModule, target) -> TirTasks:
         if not _static(func):
             symbolic.append(gv.name_hint)
             continue
-        workload = _workload(func)
-        shape = {"args": [f"{p.ty.dtype}{[int(d) for d in p.ty.shape]}" for p in func.params],
-                 "workload": f"{_hash(workload)}"}
-        task = by_key.get(shape["workload"])
-        if task is None:
-            by_key[shape["workload"]] = TirTask(gv.name_hint, workload, shape, (gv.name_hint,), target)
-        else:
-            by_key[shape["workload"]] = TirTask(task.name, task.workload, task.shape,
-                                                (*task.functions, gv.name_hint), target)
+        task = tir_task(gv.name_hint, func, target)
+        known = by_key.get(task.key)
+        by_key[task.key] = task if known is None else dataclasses.replace(
+            known, functions=(*known.functions, gv.name_hint))
     return TirTasks(by_key.values(), symbolic)
+
+
+def tir_task(name: str, func: tirx.PrimFunc, target) -> TirTask:
+    """The task of one static-shape function (``tir_tasks`` finds an engine's; tests make their own)."""
+    workload = _workload(func)
+    shape = {"args": [f"{p.ty.dtype}{[int(d) for d in p.ty.shape]}" for p in func.params],
+             "workload": f"{_hash(workload)}"}
+    return TirTask(name, workload, shape, (name,), target)
 
 
 def _called(mod: tvm.IRModule) -> set:
@@ -188,6 +196,22 @@ def _as_engine_function(tuned: tirx.PrimFunc, original: tirx.PrimFunc) -> tirx.P
 # Tuning ---------------------------------------------------------------------------------------
 
 
+def tune_engine(found, db_dir: Path, trials: int, rpc=None, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """``qwen2c tune``'s MetaSchedule step: the TIR tasks the engine's lowering collected (``found.tasks``
+    entries whose ``tuner`` is "metaschedule", added by ``apply_tir_records``), tuned into ``db_dir``.
+    ``rpc``: an ``rpc.Remote`` whose tracker and key measure the candidates."""
+    from .rpc import metaschedule_runner
+
+    tasks = [t for t in found.tasks if getattr(t, "tuner", None) == TUNER]
+    if not tasks:
+        progress("MetaSchedule: no static-shape TIR functions to tune")
+        return {"db": str(db_dir), "tasks": []}
+    progress(f"MetaSchedule: {len(tasks)} static-shape TIR functions, up to {trials} trials each, into {db_dir}")
+    runner = None if rpc is None else metaschedule_runner(rpc.tracker, rpc.key, rpc.timeout)
+    results = tune_tir(tasks, found.spec.tvm_target(), db_dir, trials, runner, progress)
+    return {"db": str(db_dir), "tasks": [vars(r) for r in results]}
+
+
 @dataclass
 class TaskResult:
     name: str
@@ -198,7 +222,7 @@ class TaskResult:
 
 def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: int, runner=None,
              progress: Callable[[str], None] = print, *, cost_model: str | None = None,
-             batch: int = 16, seed: int | None = None) -> list[TaskResult]:
+             batch: int = 16, seed: int | None = None, strategy: str = "evolutionary") -> list[TaskResult]:
     """Tune each task (or ``tir_tasks(mod, target)``) to ``trials`` measured candidates into ``db_dir``.
 
     Resumable: MetaSchedule appends each batch of measurements to the JSON files as it goes, so a
@@ -206,7 +230,9 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
     rerun counts what ``db_dir`` holds for each task and measures only the rest, its search seeded
     with the best candidates found before. ``runner``: where candidates run (None: this machine;
     ``rpc.metaschedule_runner`` for a remote one). ``cost_model``: "xgb" (needs xgboost), "random";
-    None picks xgb when xgboost is importable. Raises ValueError for a ``db_dir`` tuned by another TVM.
+    None picks xgb when xgboost is importable. ``strategy``: MetaSchedule's search ("evolutionary":
+    mutates the best candidates, guided by the cost model; "replay-trace": independent random
+    samples, far cheaper per batch on a small machine, no guidance). Raises ConfigError for a ``db_dir`` another TVM tuned into.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -229,7 +255,7 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
     if model == "random" and cost_model is None:
         progress("  xgboost is not installed: candidates are picked at random (no cost model)")
     database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
-    builder = ms.builder.LocalBuilder()
+    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=build_candidate)
     runner = runner or ms.runner.LocalRunner()
     shared_model = ms.cost_model.CostModel.create(model)
     for i, (task, result) in enumerate(todo):
@@ -239,7 +265,7 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
         _quiet_console()
         (logger,) = ms.logging.get_loggers_from_work_dir(str(db_dir), [task.name])
         context_ = ms.TuneContext(mod=task.workload, target=target, space_generator="post-order-apply",
-                                  search_strategy="evolutionary", task_name=task.name, logger=logger,
+                                  search_strategy=strategy, task_name=task.name, logger=logger,
                                   rand_state=-1 if seed is None else seed + i, num_threads="physical").clone()
         ms.tune.tune_tasks(
             tasks=[context_], task_weights=[1.0], work_dir=str(db_dir), max_trials_global=left,
@@ -249,6 +275,20 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
                                _progress_callback(result, trials, progress)],
         )
     return results
+
+
+def build_candidate(mod: tvm.IRModule, target, _params=None):
+    """MetaSchedule's builder function (run in its worker processes), minus one import.
+
+    TVM's default build imports ``tvm.s_tir.tensor_intrin`` first, which parses some 500 TVMScript
+    functions: 16 s on two busy cores, in every worker of every batch (the builder starts fresh
+    workers per batch), where the compile itself takes a second. A candidate arrives scheduled,
+    its tensorized blocks already replaced by the intrinsics' bodies, so the build needs none of them.
+    """
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _measured(db_dir: Path, target) -> dict[str, tuple[int, float | None]]:
@@ -281,9 +321,10 @@ def _us(value: float | None) -> str:
 
 
 def _progress_callback(result: TaskResult, trials: int, progress: Callable[[str], None]):
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    @ms.utils.derived_object
+    @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, _scheduler, _task_id, candidates, _builds, runs) -> None:
             for run in runs:

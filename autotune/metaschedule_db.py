@@ -114,10 +114,13 @@ def refusal(db_dir: Path) -> str | None:
 
 
 def write_marker(db_dir: Path, target) -> None:
-    """Mark ``db_dir`` as tuned by this TVM; refuse (ValueError) a folder another TVM tuned into."""
-    reason = refusal(db_dir) if (db_dir / MARKER).exists() else None
+    """Mark ``db_dir`` as tuned by this TVM; refuse (ConfigError) a folder another TVM tuned into."""
+    from qwen2c.errors import ConfigError
+
+    has_records = (db_dir / RECORDS).exists() and (db_dir / RECORDS).stat().st_size > 0
+    reason = refusal(db_dir) if (db_dir / MARKER).exists() or has_records else None
     if reason:
-        raise ValueError(reason)
+        raise ConfigError(f"{reason}: tuning more into it would mix records of two TVMs; tune into another folder.")
     marker = read_marker(db_dir) or {"versions": versions(), "targets": []}
     if target_key(target) not in marker["targets"]:
         marker["targets"].append(target_key(target))
@@ -207,3 +210,43 @@ def record_target(record: list) -> str:
     import tvm
 
     return target_key(tvm.target.Target(record[2]))
+
+
+def merge(out_dir: Path, db_dirs: list[Path]) -> str:
+    """``out_dir`` (kept if it holds records) plus ``db_dirs`` in one database; returns a one-line summary.
+
+    Workloads are matched by structural hash and records deduplicated; damaged lines are skipped
+    and folders tuned by another TVM left out, each counted. The files are replaced atomically.
+    """
+    out_dir = Path(out_dir)
+    sources = ([out_dir] if (out_dir / WORKLOADS).exists() else []) + [Path(d) for d in db_dirs]
+    workloads: dict[str, Any] = {}  # structural hash -> workload line
+    records: dict[str, tuple[str, Any]] = {}  # the record's JSON -> (hash, record)
+    targets: list[str] = []
+    damaged = duplicates = 0
+    refused = []
+    for db_dir in sources:
+        reason = refusal(db_dir)
+        if reason:
+            log.warning("not merged: %s", reason)
+            refused.append(reason)
+            continue
+        lines = read_lines(db_dir)
+        damaged += lines.damaged
+        targets += [t for t in (read_marker(db_dir) or {}).get("targets", []) if t not in targets]
+        for w, record in lines.records:
+            shash = str(lines.workloads[w][0])
+            workloads.setdefault(shash, lines.workloads[w])
+            text = json.dumps([shash, record], sort_keys=True)
+            if text in records:
+                duplicates += 1
+            records[text] = (shash, record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = {shash: n for n, shash in enumerate(workloads)}
+    _write_atomically(out_dir / WORKLOADS, b"".join(json.dumps(w).encode() + b"\n" for w in workloads.values()))
+    _write_atomically(out_dir / RECORDS, b"".join(json.dumps([order[s], r]).encode() + b"\n"
+                                                  for s, r in records.values()))
+    _write_atomically(out_dir / MARKER, (json.dumps({"versions": versions(), "targets": targets}, indent=2)
+                                         + "\n").encode())
+    return (f"{len(records)} records of {len(workloads)} functions ({duplicates} duplicates dropped, "
+            f"{damaged} damaged lines skipped, {len(refused)} folders refused)")
