@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import tvm
 from tvm import relax, tirx
+
+from qwen2c.interrupts import interrupt_guard
 
 from . import context, metaschedule_db
 from .metaschedule_db import merge  # noqa: F401  (``qwen2c tune merge`` merges these folders too)
@@ -52,6 +55,9 @@ class TirTask:
     functions: tuple[str, ...]
     target: Any
     tuner: str = TUNER
+    # The function as the build schedules it without a record (``tune_engine`` fills it in from the
+    # engine's lowered module): what a tuned schedule must beat. None: the unscheduled function.
+    default: Any = None
 
     @property
     def key(self) -> str:
@@ -167,10 +173,20 @@ def apply_tir_records(target, db_dirs: list[Path] | None = None) -> tvm.transfor
 
 
 def _apply(mod: tvm.IRModule, tasks: TirTasks, loaded, target, tuning) -> tvm.IRModule:
+    """Each task's best record, where it was measured faster than the default schedule.
+
+    MetaSchedule's best is only the best of what it sampled: for a decode step's small elementwise
+    functions its one candidate (a parallel loop) ran 30x slower than qwen2c's single vector task
+    (2.3 vs 0.07 us, [1, 896] on two cores). So ``tune_tir`` times the default too, and a record is
+    applied only when it beat that.
+    """
     mod = mod.clone()
     tuned = 0
     for task in tasks:
-        sch = loaded.database.query_schedule(task.workload, target, workload_name="main") if loaded.records else None
+        best, default = _best_us(loaded.database, task.workload), loaded.default_us.get(task.key)
+        sch = None
+        if best is not None and default is not None and best < default:
+            sch = loaded.database.query_schedule(task.workload, target, workload_name="main")
         for name in task.functions:
             gv = mod.get_global_var(name)
             if sch is not None:
@@ -178,11 +194,19 @@ def _apply(mod: tvm.IRModule, tasks: TirTasks, loaded, target, tuning) -> tvm.IR
                 tuned += 1
             if tuning is not None:
                 tuning.used.append({"kernel": name, "shape": task.shape, "params": None,
-                                    "source": "tuned" if sch is not None else "default", "tuner": TUNER})
+                                    "source": "tuned" if sch is not None else "default", "tuner": TUNER,
+                                    "tuned_us": best, "default_us": default})
     log.info("MetaSchedule: %d of %d static TIR functions tuned (%d records); %d with a symbolic shape "
              "keep their default schedule", tuned, sum(len(t.functions) for t in tasks), loaded.records,
              len(tasks.symbolic))
     return mod
+
+
+def _best_us(database, workload: tvm.IRModule) -> float | None:
+    if not database.has_workload(workload):
+        return None
+    top = database.get_top_k(database.commit_workload(workload), 1)
+    return _mean_us(list(top[0].run_secs)) if top and top[0].run_secs else None
 
 
 def _as_engine_function(tuned: tirx.PrimFunc, original: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -202,7 +226,10 @@ def tune_engine(found, db_dir: Path, trials: int, rpc=None, progress: Callable[[
     ``rpc``: an ``rpc.Remote`` whose tracker and key measure the candidates."""
     from .rpc import metaschedule_runner
 
-    tasks = [t for t in found.tasks if getattr(t, "tuner", None) == TUNER]
+    scheduled = found.scheduled_module  # lowered without records: each function's default schedule
+    names = {gv.name_hint for gv in scheduled.get_global_vars()} if scheduled is not None else set()
+    tasks = [dataclasses.replace(t, default=scheduled[t.name] if t.name in names else None)
+             for t in found.tasks if getattr(t, "tuner", None) == TUNER]
     if not tasks:
         progress("MetaSchedule: no static-shape TIR functions to tune")
         return {"db": str(db_dir), "tasks": []}
@@ -218,6 +245,7 @@ class TaskResult:
     trials: int = 0  # measured candidates in the database, earlier runs included
     best_us: float | None = None
     new: int = 0  # measured by this run
+    default_us: float | None = None  # the default schedule, timed the same way in this run
 
 
 def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: int, runner=None,
@@ -258,23 +286,56 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
     builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=build_candidate)
     runner = runner or ms.runner.LocalRunner()
     shared_model = ms.cost_model.CostModel.create(model)
-    for i, (task, result) in enumerate(todo):
-        left = trials - result.trials
-        progress(f"  [{i + 1}/{len(todo)}] {task.name} {', '.join(task.shape['args'])}: "
-                 f"{result.trials} measured, {left} to go")
-        _quiet_console()
-        (logger,) = ms.logging.get_loggers_from_work_dir(str(db_dir), [task.name])
-        context_ = ms.TuneContext(mod=task.workload, target=target, space_generator="post-order-apply",
-                                  search_strategy=strategy, task_name=task.name, logger=logger,
-                                  rand_state=-1 if seed is None else seed + i, num_threads="physical").clone()
-        ms.tune.tune_tasks(
-            tasks=[context_], task_weights=[1.0], work_dir=str(db_dir), max_trials_global=left,
-            num_trials_per_iter=min(batch, left), builder=builder, runner=runner, database=database,
-            cost_model=shared_model, task_scheduler="round-robin",
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                               _progress_callback(result, trials, progress)],
-        )
+    # A KeyboardInterrupt raised wherever Ctrl-C lands inside MetaSchedule's loop (a Python function
+    # its C++ calls where it cannot unwind) was seen to end the process in std::terminate. So
+    # interrupts are only recorded while it runs; the progress callback, called after each batch's
+    # records are written, raises it there, and it leaves here as KeyboardInterrupt.
+    with interrupt_guard() as guard, guard.deferred():
+        for i, (task, result) in enumerate(todo):
+            left = trials - result.trials
+            progress(f"  [{i + 1}/{len(todo)}] {task.name} {', '.join(task.shape['args'])}: "
+                     f"{result.trials} measured, {left} to go")
+            _quiet_console()
+            (logger,) = ms.logging.get_loggers_from_work_dir(str(db_dir), [task.name])
+            result.default_us = _time_default(task, target, builder, runner)
+            metaschedule_db.record_default(db_dir, target, task.key, result.default_us)
+            progress(f"    {task.name}: default schedule {_us(result.default_us)}")
+            context_ = ms.TuneContext(mod=task.workload, target=target, space_generator="post-order-apply",
+                                      search_strategy=strategy, task_name=task.name, logger=logger,
+                                      rand_state=-1 if seed is None else seed + i, num_threads="physical").clone()
+            ms.tune.tune_tasks(
+                tasks=[context_], task_weights=[1.0], work_dir=str(db_dir), max_trials_global=left,
+                num_trials_per_iter=min(batch, left), builder=builder, runner=runner, database=database,
+                cost_model=shared_model, task_scheduler="round-robin",
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                   _progress_callback(result, trials, progress, guard)],
+            )
+            guard.checkpoint()
     return results
+
+
+def _time_default(task: TirTask, target, builder, runner) -> float | None:
+    """The task's default schedule (or the unscheduled function), built and run as a candidate is."""
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = _workload(task.default) if task.default is not None else task.workload
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        log.warning("%s: the default schedule failed to build: %s", task.name, built.error_msg.splitlines()[0])
+        return None
+    try:
+        device = {"llvm": "cpu"}.get(target.kind.name, target.kind.name)
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device,
+                                                      ms.arg_info.ArgInfo.from_prim_func(mod["main"]))])
+        result = future.result()
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    if result.error_msg:
+        log.warning("%s: the default schedule failed to run: %s", task.name, result.error_msg.splitlines()[0])
+        return None
+    return _mean_us(list(result.run_secs))
 
 
 def build_candidate(mod: tvm.IRModule, target, _params=None):
@@ -320,13 +381,16 @@ def _us(value: float | None) -> str:
     return "none valid" if value is None else f"{value:.2f} us"
 
 
-def _progress_callback(result: TaskResult, trials: int, progress: Callable[[str], None]):
+def _progress_callback(result: TaskResult, trials: int, progress: Callable[[str], None], guard):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, _scheduler, _task_id, candidates, _builds, runs) -> None:
+            guard.checkpoint()  # after MetaSchedule's own callbacks wrote this batch's records
+            if not candidates:  # the search found nothing new this round (a small space runs dry)
+                return
             for run in runs:
                 us = None if run.error_msg else _mean_us(list(run.run_secs or []))
                 if us is not None and (result.best_us is None or us < result.best_us):

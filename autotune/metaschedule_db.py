@@ -127,6 +127,17 @@ def write_marker(db_dir: Path, target) -> None:
     _write_atomically(db_dir / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
 
 
+def record_default(db_dir: Path, target, workload: str, us: float | None) -> None:
+    """Note the default schedule's time of ``workload`` on ``target`` (what a record must beat)."""
+    marker = read_marker(db_dir) or {"versions": versions(), "targets": []}
+    defaults = marker.setdefault("default_us", {}).setdefault(target_key(target), {})
+    if us is None:
+        defaults.pop(workload, None)
+    else:
+        defaults[workload] = us
+    _write_atomically(db_dir / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+
+
 def repair(db_dir: Path) -> int:
     """Rewrite the two files without their unreadable lines; returns how many were dropped.
 
@@ -163,6 +174,7 @@ class Loaded:
     records: int = 0
     damaged: int = 0  # lines skipped: unreadable, or not a record TVM can parse
     other_target: int = 0  # records measured on another target, not applied
+    default_us: dict[str, float] = field(default_factory=dict)  # workload hash -> its default schedule's time
     refused: list[str] = field(default_factory=list)  # folders not applied at all, and why
 
 
@@ -182,6 +194,9 @@ def load(db_dirs: list[Path], target) -> Loaded:
             log.warning("MetaSchedule records not applied: %s", reason)
             out.refused.append(reason)
             continue
+        for workload, us in ((read_marker(db_dir) or {}).get("default_us", {}).get(key) or {}).items():
+            if isinstance(us, (int, float)):  # the fastest default known: a record must beat every one
+                out.default_us[workload] = min(us, out.default_us.get(workload, us))
         lines = read_lines(db_dir)
         out.damaged += lines.damaged
         committed: dict[int, Any] = {}
@@ -223,6 +238,7 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
     workloads: dict[str, Any] = {}  # structural hash -> workload line
     records: dict[str, tuple[str, Any]] = {}  # the record's JSON -> (hash, record)
     targets: list[str] = []
+    defaults: dict[str, dict[str, float]] = {}
     damaged = duplicates = 0
     refused = []
     for db_dir in sources:
@@ -233,7 +249,12 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
             continue
         lines = read_lines(db_dir)
         damaged += lines.damaged
-        targets += [t for t in (read_marker(db_dir) or {}).get("targets", []) if t not in targets]
+        marker = read_marker(db_dir) or {}
+        targets += [t for t in marker.get("targets", []) if t not in targets]
+        for target, times in (marker.get("default_us") or {}).items():
+            for workload, us in times.items():
+                known = defaults.setdefault(target, {}).get(workload, us)
+                defaults[target][workload] = min(known, us)
         for w, record in lines.records:
             shash = str(lines.workloads[w][0])
             workloads.setdefault(shash, lines.workloads[w])
@@ -246,7 +267,8 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
     _write_atomically(out_dir / WORKLOADS, b"".join(json.dumps(w).encode() + b"\n" for w in workloads.values()))
     _write_atomically(out_dir / RECORDS, b"".join(json.dumps([order[s], r]).encode() + b"\n"
                                                   for s, r in records.values()))
-    _write_atomically(out_dir / MARKER, (json.dumps({"versions": versions(), "targets": targets}, indent=2)
+    _write_atomically(out_dir / MARKER, (json.dumps({"versions": versions(), "targets": targets,
+                                                                "default_us": defaults}, indent=2)
                                          + "\n").encode())
     return (f"{len(records)} records of {len(workloads)} functions ({duplicates} duplicates dropped, "
             f"{damaged} damaged lines skipped, {len(refused)} folders refused)")

@@ -6,6 +6,8 @@ decode step's SwiGLU function of a tiny Qwen2 with two trials, and the tests sha
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -72,13 +74,27 @@ def lowered(tiny_checkpoint):
     return {"plain": lower(None), "lower": lower, "tasks": collecting.tasks, "collected": lower(collecting)}
 
 
+def _gemv_module() -> tvm.IRModule:
+    """A Relax function calling ``gemv``: what the pass sees of an engine, reduced to one kernel."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x, w = relax.Var("x", relax.TensorType((1, 64), "float32")), relax.Var("w", relax.TensorType((96, 64), "float32"))
+    with bb.function("main", [x, w]):
+        gv = bb.add_func(gemv, "gemv")
+        out = bb.emit(relax.call_tir(gv, [x, w], relax.TensorType((1, 96), "float32")))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @pytest.fixture(scope="module")
-def tuned_db(lowered, tmp_path_factory):
+def tuned_db(tmp_path_factory):
+    """``gemv`` tuned against its unscheduled self (a scalar loop nest), four candidates."""
     db = tmp_path_factory.mktemp("ms") / "db"
-    (task,) = [t for t in lowered["tasks"] if SWIGLU in t.functions]
+    (task,) = metaschedule.tir_tasks(_gemv_module(), _target())
     lines = []
-    results = metaschedule.tune_tir([task], _target(), db, trials=2, progress=lines.append, cost_model="random",
-                                    batch=2, seed=1)
+    results = metaschedule.tune_tir([task], _target(), db, trials=4, progress=lines.append, cost_model="random",
+                                    batch=2, seed=1, strategy="replay-trace")
     return {"db": db, "task": task, "results": results, "progress": lines}
 
 
@@ -104,20 +120,30 @@ def test_no_context_or_no_databases_build_the_same_module(lowered):
     assert empty.used == []
 
 
-def test_tuning_writes_records_and_progress(tuned_db):
+def test_tuning_writes_records_progress_and_the_default_to_beat(tuned_db):
     db = tuned_db["db"]
     (result,) = tuned_db["results"]
-    assert result.trials >= 1 and result.best_us is not None and result.best_us > 0
+    assert result.trials == 4 and result.best_us is not None and result.default_us is not None
     records = (db / metaschedule_db.RECORDS).read_text().splitlines()
     assert len(records) == result.trials
     marker = json.loads((db / metaschedule_db.MARKER).read_text())
     assert marker["versions"]["tvm"] == tvm.__version__ and str(_target()) in marker["targets"]
-    assert any(SWIGLU in line and "best" in line for line in tuned_db["progress"])
+    assert marker["default_us"][str(_target())][tuned_db["task"].key] == result.default_us
+    assert any("gemv: 4/4 trials, best" in line for line in tuned_db["progress"])
 
 
-def _applied(lowered, dirs):
+def _with_default(tuned_db, tmp_path, us) -> Path:
+    """A copy of the tuned database whose recorded default schedule took ``us``."""
+    db = tmp_path / "db"
+    shutil.copytree(tuned_db["db"], db)
+    metaschedule_db.record_default(db, _target(), tuned_db["task"].key, us)
+    return db
+
+
+def _apply(module: tvm.IRModule, dirs):
     tuning = context.TuningContext(target_key={}, metaschedule_dirs=list(dirs))
-    return lowered["lower"](tuning), tuning
+    with context.using(tuning):
+        return metaschedule.apply_tir_records(_target())(module), tuning
 
 
 def _run(func, *arrays):
@@ -127,35 +153,83 @@ def _run(func, *arrays):
     return tensors[-1].numpy()
 
 
-def test_records_replace_the_default_schedule_and_compute_the_same(lowered, tuned_db):
-    mod, tuning = _applied(lowered, [tuned_db["db"]])
-    tuned, default = mod[SWIGLU], lowered["plain"][SWIGLU]
-    assert not tvm_ffi.structural_equal(tuned, default)
-    assert bool(tuned.attrs["tirx.is_scheduled"]) and "global_symbol" not in tuned.attrs
+def test_a_record_is_applied_where_it_beat_the_default(tuned_db):
+    module = _gemv_module()
+    mod, tuning = _apply(module, [tuned_db["db"]])
+    (used,) = tuning.used
+    (result,) = tuned_db["results"]
+    assert used["tuned_us"] == pytest.approx(result.best_us) and used["default_us"] == result.default_us
+    assert used["source"] == ("tuned" if result.best_us < result.default_us else "default")
+    assert tvm_ffi.structural_equal(mod["gemv"], module["gemv"]) == (used["source"] == "default")
+
+
+def test_a_tuned_function_replaces_the_default_and_computes_numpys_result(tuned_db, tmp_path):
+    module = _gemv_module()
+    mod, tuning = _apply(module, [_with_default(tuned_db, tmp_path, 1e9)])
+    (used,) = tuning.used
+    assert used == {"kernel": "gemv", "shape": tuned_db["task"].shape, "params": None, "source": "tuned",
+                    "tuner": "metaschedule", "tuned_us": pytest.approx(tuned_db["results"][0].best_us),
+                    "default_us": 1e9}
+    tuned = mod["gemv"]
+    assert not tvm_ffi.structural_equal(tuned, module["gemv"])
+    assert bool(tuned.attrs["tirx.is_scheduled"])
+    assert tuned.attrs.get("global_symbol") == module["gemv"].attrs.get("global_symbol")  # not the tuned "main"
+    tvm.ir.assert_structural_equal(mod["main"], module["main"])  # the Relax function is left alone
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 64)).astype("float32"), rng.standard_normal((96, 64)).astype("float32")
+    np.testing.assert_allclose(_run(tuned, x, w, np.zeros((1, 96), "float32")), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_record_slower_than_the_default_is_not_applied(tuned_db, tmp_path):
+    module = _gemv_module()
+    mod, tuning = _apply(module, [_with_default(tuned_db, tmp_path, 1e-6)])
+    assert tuning.used[0]["source"] == "default"
+    tvm.ir.assert_structural_equal(mod, module)
+
+
+def test_schedule_cpu_injective_leaves_a_tuned_function_alone(tuned_db, tmp_path):
+    from qwen2c.schedules.cpu_injective import schedule_cpu_injective
+
+    mod, _ = _apply(_gemv_module(), [_with_default(tuned_db, tmp_path, 1e9)])
+    with _target():
+        after = schedule_cpu_injective(vector_lanes=16)(mod)
+    tvm.ir.assert_structural_equal(after["gemv"], mod["gemv"])
+
+
+def test_the_engine_pipeline_applies_records_in_a_tuning_context(lowered, tmp_path):
+    """The tiny engine's SwiGLU, tuned against its real default schedule, through the CPU pipeline."""
+    (task,) = [t for t in lowered["tasks"] if SWIGLU in t.functions]
+    task = dataclasses.replace(task, default=lowered["plain"][SWIGLU])
+    db = tmp_path / "db"
+    (result,) = metaschedule.tune_tir([task], _target(), db, trials=1, progress=lambda _: None,
+                                      cost_model="random", batch=1, seed=1, strategy="replay-trace")
+    tuning = context.TuningContext(target_key={}, metaschedule_dirs=[db])
+    mod = lowered["lower"](tuning)
     used = {u["kernel"]: u for u in tuning.used}
-    assert used[SWIGLU]["source"] == "tuned" and used[SWIGLU]["tuner"] == "metaschedule"
-    assert used["take"]["source"] == "default"  # no record: today's schedule
-    tvm.ir.assert_structural_equal(mod["take"], lowered["plain"]["take"])
+    assert set(used) == {n for t in lowered["tasks"] for n in t.functions}
+    assert used["take"]["source"] == "default" and used["take"]["tuned_us"] is None  # no record
+    swiglu = used[SWIGLU]
+    assert swiglu["source"] == ("tuned" if result.best_us < result.default_us else "default")
+    if swiglu["source"] == "default":
+        tvm.ir.assert_structural_equal(mod, lowered["plain"])
     x = np.random.default_rng(0).standard_normal((1, 1, 320)).astype("float32")
     gate, up = x[..., :160], x[..., 160:]
-    want = gate / (1 + np.exp(-gate)) * up
-    out = _run(tuned, x, np.zeros((1, 1, 160), "float32"))
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    out = _run(mod[SWIGLU], x, np.zeros((1, 1, 160), "float32"))
+    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
 
 
-def test_a_damaged_line_is_skipped_and_counted(lowered, tuned_db, tmp_path, caplog):
-    db = tmp_path / "db"
-    shutil.copytree(tuned_db["db"], db)
+def test_a_damaged_line_is_skipped_and_counted(tuned_db, tmp_path, caplog):
+    db = _with_default(tuned_db, tmp_path, 1e9)
     with open(db / metaschedule_db.RECORDS, "a") as f:
         f.write('[0, [[[["GetSBlock", [], ["T_spl')  # a run killed while appending
     with open(db / metaschedule_db.WORKLOADS, "a") as f:
         f.write("not json\n")
     with caplog.at_level(logging.WARNING):
         loaded = metaschedule_db.load([db], _target())
-        mod, tuning = _applied(lowered, [db])
+        _, tuning = _apply(_gemv_module(), [db])
     assert loaded.damaged == 2 and loaded.records == tuned_db["results"][0].trials
     assert "2 damaged line(s) skipped" in caplog.text
-    assert {u["kernel"]: u["source"] for u in tuning.used}[SWIGLU] == "tuned"
+    assert tuning.used[0]["source"] == "tuned"
     # Before tuning appends to it again, the files are rewritten without the damaged lines.
     assert metaschedule_db.repair(db) == 2
     assert (db / (metaschedule_db.RECORDS + ".damaged")).exists()
@@ -163,19 +237,19 @@ def test_a_damaged_line_is_skipped_and_counted(lowered, tuned_db, tmp_path, capl
     assert metaschedule_db.load([db], _target()).records == loaded.records
 
 
-def test_records_of_another_tvm_or_target_are_never_applied(lowered, tuned_db, tmp_path, caplog):
-    db = tmp_path / "db"
-    shutil.copytree(tuned_db["db"], db)
+def test_records_of_another_tvm_or_target_are_never_applied(tuned_db, tmp_path, caplog):
+    db = _with_default(tuned_db, tmp_path, 1e9)
     marker = json.loads((db / metaschedule_db.MARKER).read_text())
     marker["versions"]["tvm"] = "0.26.0"
     (db / metaschedule_db.MARKER).write_text(json.dumps(marker))
+    module = _gemv_module()
     with caplog.at_level(logging.WARNING):
-        mod, tuning = _applied(lowered, [db])
+        mod, tuning = _apply(module, [db])
     assert "tvm 0.26.0" in caplog.text
-    assert {u["kernel"]: u["source"] for u in tuning.used}[SWIGLU] == "default"
-    tvm.ir.assert_structural_equal(mod, lowered["plain"])
+    assert tuning.used[0]["source"] == "default"
+    tvm.ir.assert_structural_equal(mod, module)
     with pytest.raises(ConfigError, match="0.26.0"):  # nor tuned into
-        metaschedule.tune_tir([tuned_db["task"]], _target(), db, trials=4)
+        metaschedule.tune_tir([tuned_db["task"]], _target(), db, trials=8)
 
     other = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
     loaded = metaschedule_db.load([tuned_db["db"]], other)
@@ -188,7 +262,8 @@ def test_merge_keeps_every_record_once(tuned_db, tmp_path):
     summary = metaschedule_db.merge(out, [tuned_db["db"], tuned_db["db"]])
     n = tuned_db["results"][0].trials
     assert summary.startswith(f"{n} records of 1 functions ({n} duplicates dropped")
-    assert metaschedule_db.load([out], _target()).records == n
+    loaded = metaschedule_db.load([out], _target())
+    assert loaded.records == n and loaded.default_us == {tuned_db["task"].key: tuned_db["results"][0].default_us}
 
 
 _TUNE_SCRIPT = """
@@ -197,29 +272,51 @@ sys.path.insert(0, {tests!r})
 from test_metaschedule import gemv, _target
 from qwen2c.autotune import metaschedule
 task = metaschedule.tir_task("gemv", gemv, _target())
-metaschedule.tune_tir([task], _target(), {db!r}, trials=64, cost_model="random", batch=2, seed=3,
-                      progress=lambda line: print(line, flush=True))
+try:
+    metaschedule.tune_tir([task], _target(), {db!r}, trials=64, cost_model="random", batch=2, seed=3,
+                          progress=lambda line: print(line, flush=True))
+except KeyboardInterrupt:
+    sys.exit(130)  # as `qwen2c tune` does
 """
 
 
-def test_a_killed_run_keeps_its_records_and_a_rerun_continues(tmp_path):
+def _start_tuning(tmp_path: Path):
+    """A tuning subprocess, once its first records are on disk; and the records file."""
     db = tmp_path / "db"
     records = db / metaschedule_db.RECORDS
     script = _TUNE_SCRIPT.format(tests=str(Path(__file__).parent), db=str(db))
-    log_file = (tmp_path / "tune.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log_file = tmp_path / "tune.log"
+    with log_file.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and len(records.read_bytes().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    if proc.poll() is not None or time.monotonic() >= deadline:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the tuning subprocess wrote no records: {log_file.read_text()[-2000:]}")
+    return proc, records
+
+
+def test_ctrl_c_stops_tuning_promptly_and_keeps_the_records(tmp_path):
+    proc, records = _start_tuning(tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if records.exists() and len(records.read_bytes().splitlines()) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / "tune.log").read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the tuner and its worker processes
+        assert proc.wait(timeout=120) == 130, (tmp_path / "tune.log").read_text()[-2000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its builder/runner workers
-        proc.wait()
-        log_file.close()
+        with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = _readable(records)
+    assert len(kept) >= 2 and len(kept) == len(records.read_text().splitlines())  # whole lines only
+
+
+def test_a_killed_run_keeps_its_records_and_a_rerun_continues(tmp_path):
+    proc, records = _start_tuning(tmp_path)
+    os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its builder/runner workers, wherever they are
+    proc.wait()
+    db = records.parent
     kept = _readable(records)
     assert len(kept) >= 2
     task = metaschedule.tir_task("gemv", gemv, _target())
