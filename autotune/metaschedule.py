@@ -6,8 +6,11 @@ gets a generic schedule (``schedules/cpu_injective.py`` on CPU, DLight on GPU). 
 what MetaSchedule searches schedules for:
 
     tir_tasks          the functions worth tuning in a module lowered up to the schedule phase
-    tune_tir           measures candidates into a TVM tuning database folder (resumable)
-    apply_tir_records  a pipeline pass: functions with a record get the tuned schedule
+    tune_tir           measures candidates into a TVM tuning database folder (resumable), and the
+                       default schedule the same way
+    apply_tir_records  a pipeline pass: a function whose best record beat its default schedule
+                       gets the tuned one; every other function keeps today's schedule
+    tune_engine        ``qwen2c tune``'s MetaSchedule step
 
 Only static-shape functions are tuned: MetaSchedule measures one concrete shape, and a function
 with a symbolic dimension (prefill's sequence length) would be tuned for whatever size the runner
@@ -78,8 +81,9 @@ def tir_tasks(mod: tvm.IRModule, target) -> TirTasks:
     ``mod`` is an engine lowered up to the schedule phase (legalized, fused, dataflow lowered).
     Skipped: functions already scheduled (``tirx.is_scheduled``, or written with parallel /
     vector / thread loops: qwen2c's kernels and the KV cache's), loop-level TIR without blocks,
-    host functions, and functions no Relax function calls (reshapes turned into views); those with
-    a symbolic dimension are listed in ``.symbolic``.
+    host functions, functions no Relax function calls (reshapes turned into views) and those only
+    the load-time functions call (the weight concatenations of ``transform_params``); those with a
+    symbolic dimension (prefill's) are listed in ``.symbolic``.
     """
     called = _called(mod)
     by_key: dict[str, TirTask] = {}
@@ -105,10 +109,14 @@ def tir_task(name: str, func: tirx.PrimFunc, target) -> TirTask:
     return TirTask(name, workload, shape, (name,), target)
 
 
+# Relax functions an engine runs once, when it loads: their kernels are not worth a search.
+_RUN_ONCE = ("transform_params", "create_kv_cache")
+
+
 def _called(mod: tvm.IRModule) -> set:
     called = set()
-    for _gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function) and gv.name_hint not in _RUN_ONCE:
             called.update(relax.analysis.all_global_vars(func))
     return called
 
@@ -165,6 +173,8 @@ def apply_tir_records(target, db_dirs: list[Path] | None = None) -> tvm.transfor
         tasks = tir_tasks(mod, target)
         if collecting:
             tuning.tasks.extend(tasks)
+            log.info("MetaSchedule: %d static-shape TIR functions to tune; %d with a symbolic shape (%s) are not "
+                     "tuned", len(tasks), len(tasks.symbolic), ", ".join(tasks.symbolic[:4]) or "none")
         if not dirs:
             return mod
         return _apply(mod, tasks, metaschedule_db.load(dirs, target), target, tuning)
