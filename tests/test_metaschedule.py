@@ -196,19 +196,26 @@ def test_schedule_cpu_injective_leaves_a_tuned_function_alone(tuned_db, tmp_path
     tvm.ir.assert_structural_equal(after["gemv"], mod["gemv"])
 
 
-def test_the_engine_pipeline_applies_records_in_a_tuning_context(lowered, tmp_path):
-    """The tiny engine's SwiGLU, tuned against its real default schedule, through the CPU pipeline."""
+@pytest.fixture(scope="module")
+def swiglu_db(lowered, tmp_path_factory):
+    """The tiny engine's SwiGLU tuned as `qwen2c tune` does (``tune_engine``), one candidate."""
     from types import SimpleNamespace
 
     # What `qwen2c tune` hands over: the collected tasks (here only the SwiGLU's, to keep it short) and
     # the module lowered without records, whose functions carry the default schedules to beat.
     found = SimpleNamespace(tasks=[t for t in lowered["tasks"] if SWIGLU in t.functions],
                             spec=TARGETS.resolve("llvm"), scheduled_module=lowered["plain"])
-    db = tmp_path / "db"
+    db = tmp_path_factory.mktemp("swiglu") / "db"
     summary = metaschedule.tune_engine(found, db, trials=1, progress=lambda _: None)
     (result,) = [SimpleNamespace(**r) for r in summary["tasks"]]
+    return {"db": db, "result": result, "task": found.tasks[0]}
+
+
+def test_the_engine_pipeline_applies_records_in_a_tuning_context(lowered, swiglu_db):
+    """The SwiGLU, tuned against its real default schedule, through the CPU pipeline."""
+    result = swiglu_db["result"]
     assert result.default_us is not None and result.best_us is not None
-    tuning = context.TuningContext(target_key={}, metaschedule_dirs=[db])
+    tuning = context.TuningContext(target_key={}, metaschedule_dirs=[swiglu_db["db"]])
     mod = lowered["lower"](tuning)
     used = {u["kernel"]: u for u in tuning.used}
     assert set(used) == {n for t in lowered["tasks"] for n in t.functions}
@@ -221,6 +228,19 @@ def test_the_engine_pipeline_applies_records_in_a_tuning_context(lowered, tmp_pa
     gate, up = x[..., :160], x[..., 160:]
     out = _run(mod[SWIGLU], x, np.zeros((1, 1, 160), "float32"))
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+
+
+def test_an_engine_built_with_a_tuned_function_matches_transformers(tiny_checkpoint, swiglu_db, tmp_path):
+    import qwen2c
+
+    db = tmp_path / "db"
+    shutil.copytree(swiglu_db["db"], db)
+    metaschedule_db.record_default(db, _target(), swiglu_db["task"].key, 1e9)  # applied whatever the timing
+    tuning = context.TuningContext(target_key={}, metaschedule_dirs=[db])
+    with context.using(tuning):
+        manifest = qwen2c.build(str(tiny_checkpoint), "llvm", tmp_path / "engine", max_context=64)
+    assert {u["kernel"]: u["source"] for u in tuning.used}[SWIGLU] == "tuned"
+    assert manifest["parity"]["passed"]  # the build's own check: logits against transformers
 
 
 def test_a_damaged_line_is_skipped_and_counted(tuned_db, tmp_path, caplog):
