@@ -270,7 +270,8 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
     ``rpc.metaschedule_runner`` for a remote one). ``cost_model``: "xgb" (needs xgboost), "random";
     None picks xgb when xgboost is importable. ``strategy``: MetaSchedule's search ("evolutionary":
     mutates the best candidates, guided by the cost model; "replay-trace": independent random
-    samples, far cheaper per batch on a small machine, no guidance). Raises ConfigError for a ``db_dir`` another TVM tuned into.
+    samples, far cheaper per batch on a small machine, no guidance). Raises ConfigError for a
+    ``db_dir`` another TVM tuned into.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -282,11 +283,17 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
     if dropped:
         progress(f"  {db_dir}: {dropped} damaged line(s) dropped (originals kept as *.damaged)")
     measured = _measured(db_dir, target)
-    results = [TaskResult(t.name, *measured.get(t.key, (0, None))) for t in tasks]
-    todo = [(t, r) for t, r in zip(tasks, results) if r.trials < trials]
+    defaults = ((metaschedule_db.read_marker(db_dir) or {}).get("default_us") or {}).get(
+        metaschedule_db.target_key(target)) or {}
+    results = [TaskResult(t.name, *measured.get(t.key, (0, None)), default_us=defaults.get(t.key)) for t in tasks]
+    # A task whose search ran dry before its budget (a small elementwise function has a handful of
+    # distinct schedules) would only measure the same candidates again.
+    dry = metaschedule_db.exhausted(db_dir, target)
+    todo = [(t, r) for t, r in zip(tasks, results) if r.trials < trials and t.key not in dry]
     for task, result in zip(tasks, results):
-        if result.trials >= trials:
-            progress(f"  {task.name}: {result.trials} trials measured already, best {_us(result.best_us)}")
+        if result.trials >= trials or task.key in dry:
+            why = "every distinct candidate" if task.key in dry else f"{result.trials} trials"
+            progress(f"  {task.name}: {why} measured already, best {_us(result.best_us)}")
     if not todo:
         return results
     model = cost_model or ("xgb" if _importable("xgboost") else "random")
@@ -321,6 +328,9 @@ def tune_tir(mod: tvm.IRModule | list[TirTask], target, db_dir: Path, trials: in
                                    _progress_callback(result, trials, progress, guard)],
             )
             guard.checkpoint()
+            if result.trials < trials:  # MetaSchedule stopped early: no new candidate left to try
+                metaschedule_db.mark_exhausted(db_dir, target, task.key)
+                progress(f"    {task.name}: search space exhausted after {result.trials} candidates")
     return results
 
 

@@ -138,6 +138,19 @@ def record_default(db_dir: Path, target, workload: str, us: float | None) -> Non
     _write_atomically(db_dir / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
 
 
+def mark_exhausted(db_dir: Path, target, workload: str) -> None:
+    """Note that MetaSchedule found no new candidate for ``workload`` before its budget ran out."""
+    marker = read_marker(db_dir) or {"versions": versions(), "targets": []}
+    done = marker.setdefault("exhausted", {}).setdefault(target_key(target), [])
+    if workload not in done:
+        done.append(workload)
+        _write_atomically(db_dir / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+
+
+def exhausted(db_dir: Path, target) -> set[str]:
+    return set(((read_marker(db_dir) or {}).get("exhausted") or {}).get(target_key(target)) or [])
+
+
 def repair(db_dir: Path) -> int:
     """Rewrite the two files without their unreadable lines; returns how many were dropped.
 
@@ -239,6 +252,7 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
     records: dict[str, tuple[str, Any]] = {}  # the record's JSON -> (hash, record)
     targets: list[str] = []
     defaults: dict[str, dict[str, float]] = {}
+    dry: dict[str, list[str]] = {}  # target -> workloads whose search ran dry
     damaged = duplicates = 0
     refused = []
     for db_dir in sources:
@@ -251,6 +265,9 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
         damaged += lines.damaged
         marker = read_marker(db_dir) or {}
         targets += [t for t in marker.get("targets", []) if t not in targets]
+        for target, workloads in (marker.get("exhausted") or {}).items():
+            dry.setdefault(target, [])
+            dry[target] += [w for w in workloads if w not in dry[target]]
         for target, times in (marker.get("default_us") or {}).items():
             for workload, us in times.items():
                 known = defaults.setdefault(target, {}).get(workload, us)
@@ -268,7 +285,7 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
     _write_atomically(out_dir / RECORDS, b"".join(json.dumps([order[s], r]).encode() + b"\n"
                                                   for s, r in records.values()))
     _write_atomically(out_dir / MARKER, (json.dumps({"versions": versions(), "targets": targets,
-                                                                "default_us": defaults}, indent=2)
+                                                                "default_us": defaults, "exhausted": dry}, indent=2)
                                          + "\n").encode())
     return (f"{len(records)} records of {len(workloads)} functions ({duplicates} duplicates dropped, "
             f"{damaged} damaged lines skipped, {len(refused)} folders refused)")

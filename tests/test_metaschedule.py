@@ -282,6 +282,17 @@ def test_records_of_another_tvm_or_target_are_never_applied(tuned_db, tmp_path, 
     assert loaded.database.query_schedule(tuned_db["task"].workload, other, workload_name="main") is None
 
 
+def test_a_search_that_ran_dry_is_not_repeated(tuned_db, tmp_path):
+    db = _with_default(tuned_db, tmp_path, 1e9)
+    metaschedule_db.mark_exhausted(db, _target(), tuned_db["task"].key)
+    before = (db / metaschedule_db.RECORDS).read_text()
+    lines = []
+    (result,) = metaschedule.tune_tir([tuned_db["task"]], _target(), db, trials=100, progress=lines.append)
+    assert result.new == 0 and result.trials == tuned_db["results"][0].trials and result.default_us == 1e9
+    assert lines == ["  gemv: every distinct candidate measured already, best " + f"{result.best_us:.2f} us"]
+    assert (db / metaschedule_db.RECORDS).read_text() == before
+
+
 def test_merge_keeps_every_record_once(tuned_db, tmp_path):
     out = tmp_path / "merged"
     summary = metaschedule_db.merge(out, [tuned_db["db"], tuned_db["db"]])
