@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from .tuner import _Measurer, find_tasks
+from .tuner import _Measurer, find_tasks, own_tasks
 
 
 def compare_kernels(engines: list[Path], rounds: int, threads: int | None,
@@ -33,7 +33,7 @@ def compare_kernels(engines: list[Path], rounds: int, threads: int | None,
         found = find_tasks(manifest["model"]["source"], manifest["target"]["name"], manifest["dtype"],
                            manifest["max_context"], quant.get("scheme"), quant.get("group_size"), progress)
         measurer = _Measurer(found.spec)
-        for task in found.tasks:
+        for task in own_tasks(found):
             entry = tuned.get(json.dumps(task.shape, sort_keys=True) + task.kernel)
             if entry is None or entry["params"] == task.defaults:
                 continue

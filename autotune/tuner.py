@@ -134,14 +134,20 @@ def tune(model: str, target: str = "llvm", db: str | Path = "tuning-db", trials:
     measurer = _Measurer(found.spec, rpc)
     summary = []
     started = time.monotonic()
-    for index, task in enumerate(found.tasks, 1):
-        summary.append(_tune_task(task, index, len(found.tasks), found, key, records, db, trials, measurer, seed,
+    own = own_tasks(found)  # the rest are TVM's TIR functions, for MetaSchedule below
+    for index, task in enumerate(own, 1):
+        summary.append(_tune_task(task, index, len(own), found, key, records, db, trials, measurer, seed,
                                   progress, started))
     tir = None
     if tir_trials != 0:
         tir = _tune_tir(found, db, trials if tir_trials is None else tir_trials, rpc, progress)
     return {"db": str(db), "target": key, "kernels": summary, "buckets": list(found.buckets), "metaschedule": tir,
             "damaged_lines": records.damaged}
+
+
+def own_tasks(found: Found) -> list[Task]:
+    """qwen2c's own kernels among what lowering collected (``Task``; MetaSchedule's are ``TirTask``)."""
+    return [t for t in found.tasks if isinstance(t, Task)]
 
 
 def _runs_here(spec) -> bool:

@@ -6,6 +6,7 @@ import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from qwen2c.autotune import params
+from qwen2c.autotune.metaschedule import apply_tir_records
 from qwen2c.schedules import cpu_moe, cpu_norm, cpu_qmatmul, dequantize
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
 from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
@@ -102,7 +103,9 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         *cpu_generic.legalize_passes(target),
         # lower dataflow (reshapes become views first: they are recognised unscheduled).
         *cpu_generic.dataflow_lower_passes(target),
-        # schedule: parallel, vectorized loops for the legalized elementwise ops.
+        # schedule: MetaSchedule's tuned schedules where the build applies a tuning database (static
+        # shapes), then parallel, vectorized loops for the other legalized elementwise ops.
+        apply_tir_records(target),
         schedule_cpu_injective(vector_lanes=lanes),
         # finalize: activations reuse static buffers across steps.
         *cpu_generic.finalize_passes(target),

@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.relax.backend.gpu_generic import pipeline as gpu_generic
 from tvm.s_tir import dlight as dl
 
+from qwen2c.autotune.metaschedule import apply_tir_records
 from qwen2c.schedules import dequantize, gpu_moe, gpu_norm
 
 from ...registry import TargetSpec
@@ -102,7 +103,10 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        # schedule: DLight's GPU rules, most specific first; then every kernel must be bound to threads.
+        # schedule: MetaSchedule's tuned schedules where the build applies a tuning database (static
+        # shapes); DLight's GPU rules for the rest, most specific first; then every kernel must be
+        # bound to threads.
+        apply_tir_records(target),
         dl.ApplyDefaultSchedule(*(_FallThrough(rule) for rule in (
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
