@@ -249,8 +249,6 @@ def plan_points(spec: SweepSpec) -> tuple[list[dict[str, Any]], list[str]]:
         source = resolve_model(spec.model)
     except Qwen2cError as e:
         raise ConfigError(f"{where}: model: {e}") from None
-    if any(p.get("trials") for p in spec.points()):
-        _check_tuner(where)
     points, refusals, counts = [], {}, {}
     for point in spec.points():
         build = tuple((k, point[k]) for k in BUILD_KNOBS if k in point)
@@ -289,21 +287,6 @@ def _refusal(spec, point, source, targets, backends, weight_format, checkpoint_d
     except Qwen2cError as e:
         return str(e)
     return None
-
-
-def _check_tuner(where: Path) -> None:
-    import inspect
-
-    from qwen2c.builder import build
-
-    try:
-        from . import tuner  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"{where}: grid.trials: values above 0 tune the kernels first with qwen2c.autotune.tuner, "
-                          f"which this qwen2c cannot import ({e}); sweep trials = [0] only.") from None
-    if not {"tuning_db", "no_tuning"} <= set(inspect.signature(build).parameters):
-        raise ConfigError(f"{where}: grid.trials: values above 0 build with a tuning database, and this qwen2c's "
-                          "build() takes none (no tuning_db argument); sweep trials = [0] only.")
 
 
 def _scheme(quantize: str | None) -> str | None:

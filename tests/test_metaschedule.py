@@ -97,6 +97,11 @@ def tuned_db(tmp_path_factory):
     return {"db": db, "task": task, "results": results, "progress": lines}
 
 
+def _ms(tasks):
+    """MetaSchedule's tasks among what lowering collects (qwen2c's own kernels are collected too)."""
+    return [t for t in tasks if getattr(t, "tuner", None) == "metaschedule"]
+
+
 def test_tasks_are_the_static_legalized_functions(lowered):
     tasks = lowered["tasks"]
     names = {n for t in tasks if getattr(t, "tuner", None) == "metaschedule" for n in t.functions}
@@ -117,7 +122,7 @@ def test_collecting_tasks_leaves_the_module_unchanged(lowered):
 def test_no_context_or_no_databases_build_the_same_module(lowered):
     empty = context.TuningContext(target_key={}, metaschedule_dirs=[])
     tvm.ir.assert_structural_equal(lowered["lower"](empty), lowered["plain"])
-    assert empty.used == []
+    assert [u for u in empty.used if u["tuner"] == "metaschedule"] == []  # qwen2c's own kernels note theirs
 
 
 def test_tuning_writes_records_progress_and_the_default_to_beat(tuned_db):
@@ -203,7 +208,7 @@ def swiglu_db(lowered, tmp_path_factory):
 
     # What `qwen2c tune` hands over: the collected tasks (here only the SwiGLU's, to keep it short) and
     # the module lowered without records, whose functions carry the default schedules to beat.
-    found = SimpleNamespace(tasks=[t for t in lowered["tasks"] if SWIGLU in t.functions],
+    found = SimpleNamespace(tasks=[t for t in _ms(lowered["tasks"]) if SWIGLU in t.functions],
                             spec=TARGETS.resolve("llvm"), scheduled_module=lowered["plain"])
     db = tmp_path_factory.mktemp("swiglu") / "db"
     summary = metaschedule.tune_engine(found, db, trials=1, progress=lambda _: None)
@@ -217,8 +222,8 @@ def test_the_engine_pipeline_applies_records_in_a_tuning_context(lowered, swiglu
     assert result.default_us is not None and result.best_us is not None
     tuning = context.TuningContext(target_key={}, metaschedule_dirs=[swiglu_db["db"]])
     mod = lowered["lower"](tuning)
-    used = {u["kernel"]: u for u in tuning.used}
-    assert set(used) == {n for t in lowered["tasks"] for n in t.functions}
+    used = {u["kernel"]: u for u in tuning.used if u["tuner"] == "metaschedule"}
+    assert set(used) == {n for t in _ms(lowered["tasks"]) for n in t.functions}
     assert used["take"]["source"] == "default" and used["take"]["tuned_us"] is None  # no record
     swiglu = used[SWIGLU]
     assert swiglu["source"] == ("tuned" if result.best_us < result.default_us else "default")
@@ -233,13 +238,13 @@ def test_the_engine_pipeline_applies_records_in_a_tuning_context(lowered, swiglu
 def test_an_engine_built_with_a_tuned_function_matches_transformers(tiny_checkpoint, swiglu_db, tmp_path):
     import qwen2c
 
-    db = tmp_path / "db"
+    tuning_db = tmp_path / "tuning-db"  # what `qwen2c tune --db` writes: MetaSchedule's records in metaschedule/
+    db = tuning_db / "metaschedule"
     shutil.copytree(swiglu_db["db"], db)
     metaschedule_db.record_default(db, _target(), swiglu_db["task"].key, 1e9)  # applied whatever the timing
-    tuning = context.TuningContext(target_key={}, metaschedule_dirs=[db])
-    with context.using(tuning):
-        manifest = qwen2c.build(str(tiny_checkpoint), "llvm", tmp_path / "engine", max_context=64)
-    assert {u["kernel"]: u["source"] for u in tuning.used}[SWIGLU] == "tuned"
+    manifest = qwen2c.build(str(tiny_checkpoint), "llvm", tmp_path / "engine", max_context=64, tuning_db=tuning_db)
+    used = {u["kernel"]: u for u in manifest["tuning"]["kernels"]}
+    assert used[SWIGLU]["source"] == "tuned" and used[SWIGLU]["tuner"] == "metaschedule"
     assert manifest["parity"]["passed"]  # the build's own check: logits against transformers
 
 

@@ -76,14 +76,6 @@ def test_bad_specs_are_refused_naming_the_field(tmp_path, capsys, body, field):
     assert not (tmp_path / "out" / "engines").exists()  # refused before any work
 
 
-def test_trials_need_the_tuner(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "qwen2c.autotune.tuner", None)  # as before the tuner exists: ImportError
-    spec = tmp_path / "t.toml"
-    spec.write_text('model = "qwen2-tiny"\n[grid]\ntrials = [0, 16]\n')
-    assert main(["tune", "sweep", str(spec), "-o", str(tmp_path / "out")]) == 2
-    assert "grid.trials: values above 0" in capsys.readouterr().err
-
-
 HAVE_ORT = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
 
 
