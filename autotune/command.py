@@ -109,8 +109,15 @@ def format_summary(summary: dict) -> str:
         best = ",".join(f"{a}={b}" for a, b in (k["best"] or {}).items())
         speedup = f"{k['speedup']:.2f}x" if k.get("speedup") else "-"
         lines.append(f"{(k['kernel'] + ' ' + shape)[:64]:<64} {k['trials']:>4}/{k['choices']:<4} {best:>22} {speedup:>10}")
-    if summary.get("metaschedule"):
-        lines.append(f"MetaSchedule: {summary['metaschedule']}")
+    ms = summary.get("metaschedule")
+    if ms and ms.get("tasks"):
+        lines.append(f"MetaSchedule ({ms['db']}): TVM's static-shape TIR functions; a record is applied only where it "
+                     "beat the default schedule")
+        lines.append(f"{'function':<64} {'trials':>9} {'best µs':>12} {'default µs':>12}")
+        for t in ms["tasks"]:
+            best = f"{t['best_us']:.3f}" if t.get("best_us") is not None else "-"
+            default = f"{t['default_us']:.3f}" if t.get("default_us") is not None else "-"
+            lines.append(f"{t['name'][:64]:<64} {t['trials']:>9} {best:>12} {default:>12}")
     if summary.get("damaged_lines"):
         lines.append(f"{summary['damaged_lines']} damaged line(s) of the database were skipped")
     lines.append("apply with: qwen2c build ... --tuning-db " + summary["db"])
