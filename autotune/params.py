@@ -68,6 +68,10 @@ SPACES: dict[str, Space] = {
     "moe_grouped": Space({"tile_rows": (1, 2, 4), "col_block": (4, 8, 16, 32)}),
     # schedules/cpu_decode_attention.py: most key ranges a sequence's decode attention is cut into.
     "decode_attention": Space({"splits": (4, 8, 16, 32)}),
+    # schedules/gpu_norm.py: threads per row of the GPU RMSNorm (a power of two: a tree reduction).
+    "gpu_rms_norm": Space({"threads": (64, 128, 256, 512, 1024)}),
+    # schedules/gpu_moe.py: warps (output columns) per block and rows per pass of the grouped matmuls.
+    "gpu_moe_grouped": Space({"cols": (1, 2, 4, 8, 16), "rows": (1, 2, 4, 8)}),
 }
 
 

@@ -22,8 +22,9 @@ from .activations import gated
 from .dequantize import element, qdtype, stored_shapes
 
 WARP = 32
+# Defaults (autotune/params.py may choose others per shape):
 COLS = 4  # output columns (warps) per block of the grouped matmuls
-ROWS = 4  # rows per pass over a weight row
+ROWS = 4  # rows per pass over a weight row (at most a warp: lane r writes row r)
 TOKENS_PER_BLOCK = 64
 
 
@@ -152,34 +153,35 @@ def group_kernel(experts: int, max_threads: int = 1024):
 
 
 def grouped_swiglu_kernel(experts: int, hidden: int, inter: int, top_k: int, dtype: str = "float32", act: int = 0,
-                          quant: tuple[int, int] | None = None):
+                          quant: tuple[int, int] | None = None, cols: int = COLS, rows: int = ROWS):
     """``(x[t, H], gate_up[E, 2I, H], rows[slots], offsets[E + 1]) -> h[slots, I]`` (h in float32):
     ``act(gate) * up``, ``act`` indexing ``activations.GATED_ACTIVATIONS`` (0, silu: SwiGLU).
 
     ``quant`` = (bits, group): the weights come as ``(q, scales)`` and are dequantized as they are read.
     """
     return _grouped_kernel(experts, hidden, inter, gather_top_k=top_k, swiglu=True, x_dtype=dtype, w_dtype=dtype,
-                           act=act, quant=quant)
+                           act=act, quant=quant, cols=cols, rows=rows)
 
 
 def grouped_down_kernel(experts: int, hidden: int, inter: int, dtype: str = "float32",
-                        quant: tuple[int, int] | None = None):
+                        quant: tuple[int, int] | None = None, cols: int = COLS, rows: int = ROWS):
     """``(h[slots, I], down[E, H, I], rows[slots], offsets[E + 1]) -> y[slots, H]`` (float32)."""
     return _grouped_kernel(experts, inter, hidden, gather_top_k=None, swiglu=False, x_dtype="float32", w_dtype=dtype,
-                           quant=quant)
+                           quant=quant, cols=cols, rows=rows)
 
 
 def _grouped_kernel(experts: int, k_dim: int, n_out: int, gather_top_k: int | None, swiglu: bool,
                     x_dtype: str, w_dtype: str, act: int = 0,
-                    quant: tuple[int, int] | None = None):
+                    quant: tuple[int, int] | None = None, cols: int = COLS, rows: int = ROWS):
     """out[p, j] = x[row(p)] . W[e(p), j] for the rows p of each expert e (SwiGLU of gate and up rows)."""
     gather = gather_top_k is not None
     E, KD, N = (T.int64(v) for v in (experts, k_dim, n_out))
     TOPK = T.int64(gather_top_k or 1)
     W_ROWS = N * T.int64(2) if swiglu else N
     KO = T.int64(-(-k_dim // WARP))
-    NB = T.int64(-(-n_out // COLS))
-    C, R, L = T.int64(COLS), T.int64(ROWS), T.int64(WARP)
+    assert rows <= WARP
+    NB = T.int64(-(-n_out // cols))
+    C, R, L = T.int64(cols), T.int64(rows), T.int64(WARP)
 
     def wload(w, sc, e, j, k):
         """The float32 weight [e, j, k]: a load, or (quantized) q and scales read and dequantized."""

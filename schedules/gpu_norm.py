@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-THREADS = 256
-LOG_THREADS = 8
+THREADS = 256  # threads per row (a power of two; the default: autotune/params.py may choose another)
 
 
-def rms_norm_kernel(hidden: int, eps: float, dtype: str):
+def rms_norm_kernel(hidden: int, eps: float, dtype: str, threads: int = THREADS):
     """``(x[rows, H], w[H]) -> out[rows, H]`` for any number of rows."""
-    H, TB = T.int64(hidden), T.int64(THREADS)
-    PER = T.int64(-(-hidden // THREADS))
+    assert threads & (threads - 1) == 0, "the tree reduction halves the threads down to one"
+    H, TB = T.int64(hidden), T.int64(threads)
+    PER = T.int64(-(-hidden // threads))
+    levels = threads.bit_length() - 1
 
     @T.prim_func(private=True)
     def rms_norm(a: T.handle, w: T.Buffer((H,), dtype), c: T.handle):
@@ -34,7 +35,7 @@ def rms_norm_kernel(hidden: int, eps: float, dtype: str):
                         acc[0] = acc[0] + T.Cast("float32", x[r, i * TB + tx]) * T.Cast("float32", x[r, i * TB + tx])
                 partial[tx] = acc[0]
                 T.tvm_storage_sync("shared")
-                for level in range(LOG_THREADS):
+                for level in range(levels):
                     if tx < T.shift_right(TB, level + 1):
                         partial[tx] = partial[tx] + partial[tx + T.shift_right(TB, level + 1)]
                     T.tvm_storage_sync("shared")

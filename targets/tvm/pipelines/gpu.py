@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.relax.backend.gpu_generic import pipeline as gpu_generic
 from tvm.s_tir import dlight as dl
 
+from qwen2c.autotune import params
 from qwen2c.autotune.metaschedule import apply_tir_records
 from qwen2c.schedules import dequantize, gpu_moe, gpu_norm
 
@@ -33,18 +34,20 @@ log = logging.getLogger(__name__)
 
 
 def kernels(max_threads: int) -> dict:
-    """The GPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``."""
+    """The GPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``.
+
+    Kernels with tunable parameters ask ``autotune/params.py`` for them (a record, else the defaults)."""
     return {
-        "rms_norm": lambda ins, outs, eps: gpu_norm.rms_norm_kernel(int(ins[0].shape[1]), eps, ins[0].dtype),
+        "rms_norm": lambda ins, outs, eps: _rms_norm(int(ins[0].shape[1]), eps, ins[0].dtype),
         "moe_route": lambda ins, outs, top_k, norm: gpu_moe.route_kernel(
             int(ins[0].shape[1]), top_k, bool(norm), ins[0].dtype),
         "moe_dense_route": lambda ins, outs: gpu_moe.dense_route_kernel(int(outs[0].shape[1]), int(ins[0].shape[1])),
         "moe_group": lambda ins, outs: gpu_moe.group_kernel(int(outs[2].shape[0]) - 1, max_threads),
-        "moe_grouped_swiglu": lambda ins, outs, per_token, act: gpu_moe.grouped_swiglu_kernel(
-            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, dtype=ins[0].dtype,
-            act=int(act)),
-        "moe_grouped_down": lambda ins, outs: gpu_moe.grouped_down_kernel(
-            int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), dtype=ins[1].dtype),
+        "moe_grouped_swiglu": lambda ins, outs, per_token, act: _grouped(
+            "swiglu", int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), ins[0].dtype,
+            top_k=per_token, act=int(act)),
+        "moe_grouped_down": lambda ins, outs: _grouped(
+            "down", int(ins[1].shape[0]), int(ins[1].shape[1]), int(ins[1].shape[2]), ins[1].dtype),
         "moe_combine": lambda ins, outs: gpu_moe.combine_kernel(
             int(ins[0].shape[1]), int(ins[2].shape[1]), outs[0].dtype),
         # Quantized weights (pipelines/fuse_dequantize.py): the dequantize is a block of the reading
@@ -54,12 +57,30 @@ def kernels(max_threads: int) -> dict:
             rows=int(ins[0].shape[1]) if isinstance(ins[0].shape[1], tvm.tirx.IntImm) else None),
         "q_take": lambda ins, outs, bits, group: dequantize.take_kernel(
             int(ins[0].shape[0]), int(outs[0].shape[1]), bits, group, outs[0].dtype, ins[2].dtype),
-        "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: gpu_moe.grouped_swiglu_kernel(
-            int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), per_token, dtype=ins[0].dtype,
-            act=int(act), quant=(bits, group)),
-        "moe_grouped_down_q": lambda ins, outs, bits, group: gpu_moe.grouped_down_kernel(
-            int(ins[1].shape[0]), int(outs[0].shape[1]), int(ins[0].shape[1]), quant=(bits, group)),
+        "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: _grouped(
+            "swiglu", int(ins[1].shape[0]), int(ins[0].shape[1]), int(outs[0].shape[1]), ins[0].dtype,
+            top_k=per_token, act=int(act), quant=(int(bits), int(group))),
+        "moe_grouped_down_q": lambda ins, outs, bits, group: _grouped(
+            "down", int(ins[1].shape[0]), int(outs[0].shape[1]), int(ins[0].shape[1]), "float32",
+            quant=(int(bits), int(group))),
     }
+
+
+def _rms_norm(hidden: int, eps: float, dtype):
+    return params.kernel("gpu_rms_norm", {"hidden": hidden, "dtype": dtype}, {"threads": gpu_norm.THREADS},
+                         lambda threads: gpu_norm.rms_norm_kernel(hidden, eps, dtype, threads))
+
+
+def _grouped(which: str, experts: int, a: int, b: int, dtype, top_k: int = 0, act: int = 0, quant=None):
+    """The experts' grouped matmuls: "swiglu" (a = hidden, b = intermediate, ``top_k`` copies of each
+    token) or "down" (a = hidden, b = intermediate)."""
+    shape = {"which": which, "experts": experts, "a": a, "b": b, "dtype": dtype, "quant": list(quant) if quant else None}
+    defaults = {"cols": gpu_moe.COLS, "rows": gpu_moe.ROWS}
+    if which == "swiglu":
+        return params.kernel("gpu_moe_grouped", shape, defaults, lambda cols, rows: gpu_moe.grouped_swiglu_kernel(
+            experts, a, b, top_k, dtype=dtype, act=act, quant=quant, cols=cols, rows=rows))
+    return params.kernel("gpu_moe_grouped", shape, defaults, lambda cols, rows: gpu_moe.grouped_down_kernel(
+        experts, a, b, dtype=dtype, quant=quant, cols=cols, rows=rows))
 
 
 class _FallThrough(dl.ScheduleRule):
