@@ -119,16 +119,19 @@ def tune(model: str, target: str = "llvm", db: str | Path = "tuning-db", trials:
     """
     from qwen2c import args
 
+    from qwen2c.targets.registry import TARGETS
+
     trials = args.count("--trials", trials)
     db = Path(db)
-    found = find_tasks(model, target, dtype, max_context, quantize, group_size, progress)
-    key = target_key(found.spec)
-    if rpc is None and not _runs_here(found.spec):
+    spec = TARGETS.resolve(target)
+    if rpc is None and not _runs_here(spec):  # before any slow step
         from qwen2c.errors import BackendUnavailableError
 
         raise BackendUnavailableError(
-            f"--target {found.spec.name}: its code does not run on this machine, so candidates cannot be timed here; "
+            f"--target {spec.name}: its code does not run on this machine, so candidates cannot be timed here; "
             "measure them on one where it does with --rpc-tracker HOST:PORT --rpc-key KEY.")
+    found = find_tasks(model, target, dtype, max_context, quantize, group_size, progress)
+    key = target_key(found.spec)
     db.mkdir(parents=True, exist_ok=True)
     records = database.Records.load([db], key["match"], warn=lambda m: progress("warning: " + m))
     measurer = _Measurer(found.spec, rpc)

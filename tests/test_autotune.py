@@ -208,6 +208,7 @@ def test_a_killed_tuning_run_keeps_its_records_and_resumes(tiny_checkpoint, tmp_
     (["tune"], "tune needs --model"),
     (["tune", "--model", "qwen2-tiny", "--rpc-tracker", "127.0.0.1:9190"], "--rpc-tracker and --rpc-key go together"),
     (["tune", "--model", "qwen2-tiny", "--trials", "0"], "--trials"),
+    (["tune", "--model", "qwen2-tiny", "--target", "cuda"], "--rpc-tracker HOST:PORT"),
     (["tune", "merge", "--db", "out", "missing-db"], "missing-db: does not exist"),
     (["build", "--model", "qwen2-tiny", "-o", "e", "--tuning-db", "missing-db"], "--tuning-db missing-db: does not exist"),
     (["build", "--model", "qwen2-tiny", "-o", "e", "--tuning-db", "x", "--no-tuning"], "opposite"),
