@@ -426,7 +426,13 @@ def _quiet_console() -> None:
     """MetaSchedule logs every scheduling round to the console at INFO; keep that in its log files."""
     # Its console handler takes the level this logger has when a task's loggers are configured,
     # which also resets the logger to DEBUG: so before each task.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.setLevel(logging.WARNING)
+    # MetaSchedule reconfigures this logger by handler name, and a handler someone attached without
+    # one (seen in a full test run) makes its configuration fail ("'NoneType' has no attribute
+    # 'format'"): such handlers are dropped, its own are configured again anyway.
+    for handler in [h for h in logger.handlers if not h.get_name()]:
+        logger.removeHandler(handler)
 
 
 def _importable(name: str) -> bool:
