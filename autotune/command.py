@@ -35,10 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "damaged lines are skipped and counted.")
     m.add_argument("databases", nargs="+", metavar="DB", help="tuning database folders to merge in")
     m.add_argument("--db", dest="merge_into", required=True, help="the database folder to merge into")
-    try:
-        from .sweep import add_arguments as add_sweep_arguments
-    except ImportError:
-        return
+    from .sweep import add_arguments as add_sweep_arguments
+
     s = sub.add_parser("sweep", help="build and benchmark a grid of configurations from a spec file",
                        description="Runs the grid a TOML spec describes; writes results.csv, results.json and "
                                    "results.png; resumes where an interrupted sweep stopped.")
@@ -87,14 +85,10 @@ def _merge(args, progress) -> int:
     out = Path(args.merge_into)
     folders = [database.check_folder(f, "tune merge") for f in args.databases]
     counts = database.merge(out, folders, warn=lambda m: progress("warning: " + m))
-    ms = None
-    try:
-        from .metaschedule import merge as merge_metaschedule
-    except ImportError:
-        merge_metaschedule = None
-    if merge_metaschedule is not None:
-        ms = merge_metaschedule(out / database.METASCHEDULE,
-                                [f / database.METASCHEDULE for f in folders if (f / database.METASCHEDULE).is_dir()])
+    from .metaschedule_db import merge as merge_metaschedule
+
+    ms = merge_metaschedule(out / database.METASCHEDULE,
+                            [f / database.METASCHEDULE for f in folders if (f / database.METASCHEDULE).is_dir()])
     print(f"merged into {out}: {counts['records']} records ({counts['duplicates']} duplicates dropped, "
           f"{counts['damaged_lines']} damaged lines skipped)" + (f"; MetaSchedule: {ms}" if ms else ""))
     return 0

@@ -17,8 +17,8 @@ from typing import Any, Callable
 from .tuner import _Measurer, find_tasks, own_tasks
 
 
-def compare_kernels(engines: list[Path], rounds: int, threads: int | None,
-                    progress: Callable[[str], None]) -> list[dict[str, Any]]:
+def compare_kernels(engines: list[Path], rounds: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each tuned kernel of ``engines`` against its defaults, on this process's TVM thread pool."""
     from qwen2c import engine_dir
 
     rows = []

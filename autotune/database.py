@@ -129,10 +129,6 @@ class Records:
             return {**best, "speedup": round(default["seconds"] / best["seconds"], 3)}
         return dict(best)
 
-    def summary(self) -> dict[str, Any]:
-        return {"databases": self.sources, "records": sum(len(v) for v in self.by_key.values()),
-                "kernels": len(self.by_key), "damaged_lines": self.damaged, "other_targets": self.foreign}
-
 
 def canonical(params: dict[str, int]) -> str:
     return json.dumps(params, sort_keys=True, separators=(",", ":"))

@@ -35,7 +35,6 @@ from tvm import relax, tirx
 from qwen2c.interrupts import interrupt_guard
 
 from . import context, metaschedule_db
-from .metaschedule_db import merge  # noqa: F401  (``qwen2c tune merge`` merges these folders too)
 
 log = logging.getLogger(__name__)
 

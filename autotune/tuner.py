@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -274,14 +273,7 @@ def _inputs(func, rows: int) -> list[np.ndarray]:
 
 
 def _tune_tir(found: Found, db: Path, trials: int, rpc, progress) -> dict[str, Any] | None:
-    """TVM's TIR kernels through MetaSchedule (``metaschedule.py``), when it is installed."""
-    try:
-        from . import metaschedule
-    except ImportError as e:
-        progress(f"MetaSchedule tuning skipped: {e}")
-        return None
+    """TVM's TIR kernels through MetaSchedule (``metaschedule.py``)."""
+    from . import metaschedule
+
     return metaschedule.tune_engine(found, db / database.METASCHEDULE, trials, rpc, progress)
-
-
-def geometric_mean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 STALL_SECONDS = 120.0
 FULL_DISK_STALL_SECONDS = 3.0
-FULL_DISK_BYTES = 16 << 20
+FULL_DISK_BYTES = 16 << 20  # a writer that stopped with less free than this ran out of space
 
 
 class ChildDied(Exception):

@@ -94,7 +94,7 @@ def run_command(args, progress: Callable[[str], None]) -> int:
     if args.tuning_db:
         from qwen2c.autotune.compare import compare_kernels, format_kernels, record_kernels
 
-        rows = compare_kernels([e for e in engines if e.name.endswith("-tuned")], plan.rounds, plan.threads, progress)
+        rows = compare_kernels([e for e in engines if e.name.endswith("-tuned")], plan.rounds, progress)
         record_kernels(out, rows)
         print(format_kernels(rows) + "\n")
     print(format_report(result))

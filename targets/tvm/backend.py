@@ -19,7 +19,6 @@ from qwen2c import engine_dir
 from qwen2c.errors import BackendUnavailableError, ConfigError, EngineError, Qwen2cError
 
 LIBRARY = engine_dir.LIBRARY
-FULL_DISK_BYTES = 16 << 20  # a write that died with less free than this ran out of space
 
 
 @dataclasses.dataclass
@@ -89,7 +88,7 @@ def write(lowered: Lowered, staging: Path, progress: Callable[[str], None]) -> d
     tells the builder how to lay out the weights file so the runtime uses it in place."""
     import tvm
 
-    from qwen2c.isolate import ChildDied, run_forked
+    from qwen2c.isolate import FULL_DISK_BYTES, ChildDied, run_forked
 
     from .device_code import write_library
 
