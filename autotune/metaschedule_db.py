@@ -265,9 +265,9 @@ def merge(out_dir: Path, db_dirs: list[Path]) -> str:
         damaged += lines.damaged
         marker = read_marker(db_dir) or {}
         targets += [t for t in marker.get("targets", []) if t not in targets]
-        for target, workloads in (marker.get("exhausted") or {}).items():
+        for target, ran_dry in (marker.get("exhausted") or {}).items():
             dry.setdefault(target, [])
-            dry[target] += [w for w in workloads if w not in dry[target]]
+            dry[target] += [w for w in ran_dry if w not in dry[target]]
         for target, times in (marker.get("default_us") or {}).items():
             for workload, us in times.items():
                 known = defaults.setdefault(target, {}).get(workload, us)

@@ -381,3 +381,13 @@ def _readable(path: Path) -> list:
         except ValueError:
             pass
     return out
+
+
+def test_merge_keeps_the_marks_of_searches_that_ran_dry(tuned_db, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(tuned_db["db"], source)
+    metaschedule_db.mark_exhausted(source, _target(), tuned_db["task"].key)
+    out = tmp_path / "merged"
+    summary = metaschedule_db.merge(out, [source])
+    assert summary.startswith(f"{tuned_db['results'][0].trials} records of 1 functions")
+    assert metaschedule_db.read_marker(out)["exhausted"] == metaschedule_db.read_marker(source)["exhausted"]
