@@ -120,7 +120,7 @@ def kernel(name: str, shape: dict[str, Any], defaults: dict[str, int], make: Cal
     if ctx.tasks is not None and space.measurable and all(t.key != task.key for t in ctx.tasks):
         ctx.tasks.append(task)
     params, source, speedup = dict(defaults), "default", None
-    if ctx.records is not None:
+    if ctx.records is not None and task.key in ctx.records.by_key:  # the structure (a script hash) only then
         record = ctx.records.best(task.key, task.structure())
         if record is not None and _legal(space, shape, defaults, record):
             params, source = {**defaults, **record["params"]}, "tuned"
