@@ -40,8 +40,10 @@ class ChildDied(Exception):
 
 
 def _exit_on_c_exit(status: int) -> None:
-    """Make a C ``exit()`` in this process end it at once with ``status``: ``_exit`` registered
-    through ``__cxa_atexit``, whose one pointer argument lands in ``_exit``'s int argument."""
+    """Make a C ``exit()`` in this process end it with ``status`` before any static destructor runs:
+    ``_exit`` registered through ``__cxa_atexit`` (its one pointer argument lands in ``_exit``'s int
+    argument). It runs after the calling thread's ``thread_local`` destructors, which can still hang
+    (see the module's docstring: the parent watches for that)."""
     libc = ctypes.CDLL(None)
     register = libc.__cxa_atexit
     register.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
