@@ -64,6 +64,9 @@ SPACES: dict[str, Space] = {
     # schedules/cpu_qmatmul.py: the same over int8/int4 weights dequantized in registers.
     "q_matmul": Space({"tile_rows": (1, 2, 3, 4, 6), "tile_cols": (1, 2, 4, 8), "unroll": (1, 2, 4, 8, 16)},
                       measurable=True, valid=_matmul_valid),
+    # schedules/cpu_vnni_gemv.py: the decode step's quantized layers with VNNI (outputs per tile).
+    "q_gemv_vnni": Space({"tile_cols": (1, 2, 4, 8)}, measurable=True,
+                         valid=lambda shape, p: shape["n"] % p["tile_cols"] == 0),
     # schedules/cpu_moe.py: the experts' grouped matmuls (index tensors: timed through the engine).
     "moe_grouped": Space({"tile_rows": (1, 2, 4), "col_block": (4, 8, 16, 32)}),
     # schedules/cpu_decode_attention.py: most key ranges a sequence's decode attention is cut into.

@@ -194,7 +194,7 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
         "passes": [r.to_json() for r in reports],
         "params": [{"name": p["name"], "key": p["key"]} for p in params],
         "tokenizer": tokenizer,
-        "quantization": quantization_manifest(fmt, program, formats, source) if fmt else None,
+        "quantization": quantization_manifest(fmt, program, formats, source, vnni=_rounds_activations(spec)) if fmt else None,
         "tuning": section if tuning is not None else None,
         "parity": None,
     }
@@ -279,6 +279,15 @@ def _moe_manifest(config, dispatch: str) -> dict[str, Any] | None:
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _rounds_activations(spec) -> bool:
+    """Whether the engine's quantized decode steps round activations to int8 (VNNI CPU targets)."""
+    if spec.backend != "tvm" or spec.device != "cpu":
+        return False
+    from .targets.tvm.pipelines.cpu import uses_vnni
+
+    return uses_vnni(spec)
 
 
 def _weight_format(fmt) -> str:

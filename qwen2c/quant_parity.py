@@ -17,6 +17,12 @@ cap, and its top-1 agreement is at most ``top1_margin`` below llama.cpp's (``tol
 A kernel check comes with it: transformers run on the engine's own dequantized weights must give
 the engine's logits to the float tolerance of the dtype, so a kernel bug cannot hide inside the
 quantization budget.
+
+Activations rounded to int8: llama.cpp's CPU dot products for Q8_0 and Q4_0 weights first round the
+activation row to Q8_0 (32 inputs per scale), so its column rounds the inputs of every quantized
+linear layer that way. An engine whose decode steps do the same (VNNI targets: the manifest's
+``quantization.decode_activations``) is checked against transformers rounding the same layers'
+inputs (every position here: one token per call runs the engine's decode step).
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ import numpy as np
 import torch
 
 from .parity import parity_prompt, running_in_float32
-from .quantization import QWEIGHT, SCALES, WeightFormat
+from .quantization import QWEIGHT, SCALES, WeightFormat, from_manifest
 from .tolerances import QUANT_LIMITS, compare, tolerance_for
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POSITIONS = 256
+ROUNDING_RATIO = 0.5  # rounding_check: the engine's mean error against what rounding moves, at most
 GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}
 
 # An ordinary English passage (written for this project), so real checkpoints are measured on text.
@@ -135,6 +142,64 @@ def weights_replaced(model, replace):
                 params[name].copy_(value)
 
 
+def round_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` rounded as Q8_0 rounds it: per ``group`` inputs, int8 with scale max|x| / 127."""
+    shape = x.shape
+    g = x.float().reshape(-1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127)).reshape(shape).to(x.dtype)
+
+
+@contextlib.contextmanager
+def activations_rounded(model, layers, group: int = 32):
+    """``model`` with the inputs of the linear layers whose weight is named in ``layers`` rounded by
+    ``round_activations`` (a tied vocabulary projection by its embedding's name); hooks removed after."""
+    weights = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in layers}
+    hooks = []
+    try:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and id(module.weight) in weights:
+                hooks.append(module.register_forward_pre_hook(
+                    lambda _m, args: (round_activations(args[0], group), *args[1:])))
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _decode_rounding(engine, stored) -> tuple[set[str], int] | None:
+    """The layers whose decode-step inputs the engine rounds to int8, and its group (None: none)."""
+    rounding = (engine.manifest.get("quantization") or {}).get("decode_activations")
+    if not rounding:
+        return None
+    from qwen2c.schedules.cpu_vnni_gemv import fits
+
+    fmt = from_manifest(engine.manifest["quantization"])
+    return {name for name, (q, _) in stored.items() if q.ndim == 2 and fits(
+        q.shape[-1] * (2 if fmt.bits == 4 else 1), q.shape[0], fmt.bits, fmt.group)}, int(rounding["group_size"])
+
+
+def rounding_check(ours: np.ndarray, rounded: np.ndarray, unrounded: np.ndarray) -> dict[str, Any]:
+    """Whether the engine computes what transformers with rounded activations computes, beyond the
+    flipped roundings that float error alone causes.
+
+    Rounding to int8 is a step function: where a value lands within float error of a rounding
+    boundary, the engine and transformers may round it to neighbouring integers. Each such flip moves
+    later logits by about one rounding step, and through the KV cache every later position too, so
+    past the first flip the two differ by more than float error; in a large model, with ~10^5
+    roundings per token, nearly every position has one. A flip moves the logits far less than the
+    rounding as a whole does. So the engine passes when, on average over positions, it is within
+    half of what rounding changes (the rounded against the unrounded reference) of the rounded
+    reference. A kernel that rounds wrongly, or not at all, is as far from it as rounding moves it.
+    """
+    err = np.abs(ours.astype(np.float64) - rounded).max(-1)
+    effect = np.abs(rounded - unrounded).max(-1)
+    ratio = float(err.mean() / max(effect.mean(), 1e-30))
+    return {"mean_abs_err_vs_rounded": float(err.mean()), "mean_rounding_effect": float(effect.mean()),
+            "ratio": ratio, "limit": ROUNDING_RATIO, "passed": ratio <= ROUNDING_RATIO}
+
+
 def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
                            positions: int = DEFAULT_POSITIONS) -> dict[str, Any]:
     """Measure ``engine`` (quantized as ``fmt``) against ``model`` (transformers, float weights,
@@ -158,16 +223,26 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         w = p.detach().float().cpu().numpy()
         return torch.from_numpy(quants.dequantize(quants.quantize(w, gguf_type), gguf_type).reshape(w.shape))
 
+    rounded = _decode_rounding(engine, stored)
+    # engine_logits feeds one token per call, which the engine runs through its decode step: with
+    # its activations rounded at every position.
     with weights_replaced(model, ours_dequantized):
         own = reference_logits(model, tokens)
-    with weights_replaced(model, llama_cpp):
-        # In the engine's dtype, as the engine runs (llama.cpp itself rounds activations to 8 bits).
+        unrounded = own
+        if rounded:
+            with activations_rounded(model, *rounded):
+                own = reference_logits(model, tokens)
+    with weights_replaced(model, llama_cpp), activations_rounded(
+            model, {n for n in quantized if stored[n][0].ndim == 2}, 32):
+        # In the engine's dtype, as the engine runs, with activations rounded to Q8_0 as llama.cpp's
+        # CPU dot products for Q8_0/Q4_0 weights round them.
         theirs = reference_logits(model, tokens, float32=False)
 
     # The kernels against transformers on the same (dequantized) weights: float error only.
     err, _, scale = compare(ours, own.numpy())
     tol = tolerance_for(dtype)
-    kernels_ok = tol.allows(err, scale)
+    flips = rounding_check(ours, own.numpy(), unrounded.numpy()) if rounded else None
+    kernels_ok = tol.allows(err, scale) or bool(flips and flips["passed"])
     limits = QUANT_LIMITS[fmt.scheme]
     engine_figures, llama_figures = divergence(reference, ours), divergence(reference, theirs)
     verdict = limits.judge(engine_figures, llama_figures, len(tokens) - 1)
@@ -182,7 +257,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         "llama_cpp": {"format": GGUF_TYPES[fmt.scheme], **llama_figures},
         "limits": limits.to_json(),
         "kernels": {"max_abs_err_vs_transformers_on_dequantized_weights": err, "allowed": tol.atol + tol.rtol * scale,
-                    "passed": bool(kernels_ok)},
+                    "rounded_activations": flips, "passed": bool(kernels_ok)},
         "failures": verdict + ([] if kernels_ok else [
             f"kernel error: max abs err {err:.3e} against transformers on the engine's own dequantized weights "
             f"(allowed {tol.atol + tol.rtol * scale:.3e})"]),
@@ -203,5 +278,10 @@ def format_quantized_report(r: dict[str, Any]) -> str:
         f"{r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e} "
         f"(allowed {r['kernels']['allowed']:.3e}) {'ok' if r['kernels']['passed'] else 'FAIL'}",
     ]
+    rounding = r["kernels"].get("rounded_activations")
+    if rounding:
+        lines.insert(-1, "  decode activations rounded to int8 (VNNI), as transformers here rounds them too")
+        lines.append(f"    beyond float error (flipped roundings): mean err {rounding['mean_abs_err_vs_rounded']:.3e} = "
+                     f"{rounding['ratio']:.2f} x what rounding moves the logits (at most {rounding['limit']})")
     lines += [f"  FAIL: {f}" for f in r["failures"]]
     return "\n".join(lines)

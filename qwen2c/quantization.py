@@ -197,9 +197,11 @@ def weight_formats(program, fmt: WeightFormat) -> list[WeightFormat | None]:
             for _, name in param_names(program)]
 
 
-def quantization_manifest(fmt: WeightFormat, program, formats: list[WeightFormat | None], source) -> dict[str, Any]:
-    """The manifest's record: the scheme, what stayed in float and why, bytes per token's weights, and
-    where the float reference lives (``verify`` measures the engine against it)."""
+def quantization_manifest(fmt: WeightFormat, program, formats: list[WeightFormat | None], source,
+                          vnni: bool = False) -> dict[str, Any]:
+    """The manifest's record: the scheme, what stayed in float and why, bytes per token's weights,
+    where the float reference lives (``verify`` measures the engine against it), and whether decode
+    steps round activations to int8 (``vnni``: ``schedules/cpu_vnni_gemv.py``; parity models it)."""
     from pathlib import Path
 
     from qwen2c.graphs.export import param_names
@@ -216,5 +218,12 @@ def quantization_manifest(fmt: WeightFormat, program, formats: list[WeightFormat
                 kept.append({"name": name, "reason": fmt.refusal(name, tuple(tensor.shape))})
         else:
             stored += int(tensor.numel() * f.bytes_per_param(tensor.shape[-1]))
-    return {**fmt.to_json(), "kept_float": kept, "weight_bytes": stored,
+    rounding = None
+    if vnni:
+        from qwen2c.schedules.cpu_vnni_gemv import ACT_GROUP, chunk_inputs
+
+        rounding = {"dtype": "int8", "group_size": ACT_GROUP, "scale": "max|x| / 127", "steps": "decode",
+                    "layers": f"linear layers whose input width is a multiple of {chunk_inputs(fmt.bits)}",
+                    "kernel": "VNNI integer dot products (schedules/cpu_vnni_gemv.py)"}
+    return {**fmt.to_json(), "kept_float": kept, "weight_bytes": stored, "decode_activations": rounding,
             "float_reference": source.name if source.is_preset else str(Path(source.checkpoint).resolve())}

@@ -146,6 +146,12 @@ TARGETS.register(TargetSpec(
     other_backends=_CPU_BACKENDS,
 ))
 TARGETS.register(TargetSpec(
+    "llvm-avx512-vnni", "tvm", {"kind": "llvm", "mcpu": "cascadelake"}, "cpu",
+    "x86-64 with AVX-512 and VNNI int8 dot products (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later): "
+    "quantized decode steps use them", 512, ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"),
+    other_backends=_CPU_BACKENDS,
+))
+TARGETS.register(TargetSpec(
     "llvm-x86-64", "tvm", {"kind": "llvm", "mcpu": "x86-64"}, "cpu",
     "baseline x86-64 (SSE2 only)", 128, (),
     other_backends=_CPU_BACKENDS,
@@ -198,7 +204,7 @@ def host_target_name() -> str:
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "llvm-aarch64"
     flags = _cpu_flags()
-    for name in ("llvm-avx512", "llvm-avx2"):
+    for name in ("llvm-avx512-vnni", "llvm-avx512", "llvm-avx2"):
         if set(TARGETS._targets[name].cpu_features) <= flags:
             return name
     return "llvm-x86-64"

@@ -7,7 +7,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from qwen2c.autotune import params
 from qwen2c.autotune.metaschedule import apply_tir_records
-from qwen2c.schedules import cpu_moe, cpu_norm, cpu_qmatmul, dequantize
+from qwen2c.schedules import cpu_moe, cpu_norm, cpu_qmatmul, cpu_vnni_gemv, dequantize
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
 from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
 
@@ -20,8 +20,10 @@ from .record_weight_layout import record_weight_layout
 from .use_cpu_attention_kernels import use_cpu_attention_kernels
 
 
-def kernels(vector: int) -> dict:
+def kernels(vector: int, vnni: bool = False) -> dict:
     """The CPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``.
+
+    ``vnni``: the target has AVX-512 VNNI, so quantized decode steps use integer dot products.
 
     Kernels with tunable parameters ask ``autotune/params.py`` for them (a tuning record, else the
     defaults written here)."""
@@ -40,7 +42,8 @@ def kernels(vector: int) -> dict:
             int(ins[0].shape[1]), int(ins[2].shape[1]), vector, outs[0].dtype),
         # Quantized weights (pipelines/fuse_dequantize.py): dequantized in registers.
         "q_matmul": lambda ins, outs, bits, group: _q_matmul(
-            vector, int(ins[0].shape[2]), int(outs[0].shape[2]), int(bits), int(group), ins[0].dtype, _one_row(ins[0])),
+            vector, int(ins[0].shape[2]), int(outs[0].shape[2]), int(bits), int(group), ins[0].dtype, _one_row(ins[0]),
+            vnni),
         "q_take": lambda ins, outs, bits, group: dequantize.take_kernel(
             int(ins[0].shape[0]), int(outs[0].shape[1]), bits, group, outs[0].dtype, ins[2].dtype),
         "moe_grouped_swiglu_q": lambda ins, outs, per_token, act, bits, group: _grouped(
@@ -52,7 +55,11 @@ def kernels(vector: int) -> dict:
     }
 
 
-def _q_matmul(vector: int, k: int, n: int, bits: int, group: int, dtype: str, one_row: bool):
+def _q_matmul(vector: int, k: int, n: int, bits: int, group: int, dtype: str, one_row: bool, vnni: bool):
+    if one_row and vnni and cpu_vnni_gemv.fits(k, n, bits, group):
+        shape = {"k": k, "n": n, "rows": 1, "dtype": dtype, "bits": bits, "group": group}
+        return params.kernel("q_gemv_vnni", shape, {"tile_cols": cpu_vnni_gemv.default_tile_cols(n)},
+                             lambda tile_cols: cpu_vnni_gemv.vnni_gemv_kernel(k, n, bits, group, dtype, tile_cols))
     shape = {"k": k, "n": n, "rows": 1 if one_row else "m", "dtype": dtype, "vector": vector, "bits": bits,
              "group": group}
     defaults = {"tile_rows": 1 if one_row else tile_rows(vector), "tile_cols": cpu_qmatmul.default_tile_cols(n),
@@ -83,6 +90,11 @@ def _one_row(ty) -> bool:
     return isinstance(ty.shape[1], tvm.tirx.IntImm) and int(ty.shape[1]) == 1
 
 
+def uses_vnni(spec: TargetSpec) -> bool:
+    """Whether quantized decode steps on ``spec`` round activations to int8 for VNNI dot products."""
+    return spec.device == "cpu" and "avx512_vnni" in spec.cpu_features
+
+
 def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
     target = spec.tvm_target()
     lanes = spec.vector_bits // 32
@@ -94,7 +106,7 @@ def pipeline(spec: TargetSpec) -> list[tvm.transform.Pass]:
         use_cpu_attention_kernels(lanes),
         *combine_parallel_linears(),
         fuse_dequantize(),
-        dispatch_kernels(kernels(lanes), "cpu"),
+        dispatch_kernels(kernels(lanes, vnni=uses_vnni(spec)), "cpu"),
         dispatch_cpu_matmul(vector_lanes=lanes),
         lift_weight_transforms(),
         record_weight_layout(),
