@@ -22,6 +22,18 @@ from tvm.script import tirx as T
 from qwen2c.autotune import params
 
 TILE_COLS = 4  # the default; autotune/params.py may choose another per shape
+MAX_TASKS = 256  # parallel tasks per call: enough to balance many cores, few enough to set up cheaply
+
+
+def task_split(tiles: int) -> tuple[int, int]:
+    """(tasks, tiles per task) for ``tiles`` output tiles: at most MAX_TASKS tasks, none empty.
+
+    Why runs of tiles rather than one tile per parallel iteration: TVM 0.27 allocates a kernel's
+    local buffers from its workspace pool (a call each, not the stack) at the top of the parallel
+    body, which cost more than a decode step's tile of work. Measured on the vocabulary projection
+    (896 x 151936, int8, 2 threads): 6.5 ms with a task per tile, 4.0 ms with 256 tasks."""
+    per = -(-tiles // MAX_TASKS)
+    return -(-tiles // per), per
 
 
 def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int = TILE_COLS,
@@ -33,6 +45,8 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
     """
     K, N, TI, TJ, V = (T.int64(v) for v in (k, n, tile_rows, tile_cols, vector))
     KO = T.int64(k // vector)
+    tasks, per = task_split(n // tile_cols)
+    NT, TASKS, PER = T.int64(n // tile_cols), T.int64(tasks), T.int64(per)
 
     @T.prim_func(private=True)
     def nt_matmul(a: T.handle, w: T.Buffer((N, K), dtype), c: T.handle):
@@ -40,9 +54,11 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
         m = T.int64()
         A = T.match_buffer(a, (T.int64(1), m, K), dtype)
         C = T.match_buffer(c, (T.int64(1), m, N), dtype)
-        for jo in T.parallel(N // TJ):
-            for io in range((m + TI - T.int64(1)) // TI):
-                acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
+        for task in T.parallel(TASKS):  # a run of column tiles each (task_split)
+            acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
+            total = T.alloc_buffer((1,), "float32", scope="local")
+            for t, io in T.grid(T.min(PER, NT - task * PER), (m + TI - T.int64(1)) // TI):
+                jo = task * PER + t
                 for ii in T.unroll(TI):
                     for jj in T.unroll(TJ):
                         for v in T.vectorized(V):
@@ -57,7 +73,6 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            total = T.alloc_buffer((1,), "float32", scope="local")
                             total[0] = T.float32(0)
                             for v in range(V):
                                 total[0] = total[0] + acc[ii, jj, v]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .cpu_matmul import TILE_COLS
+from .cpu_matmul import TILE_COLS, task_split
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 
 # Defaults (autotune/params.py may choose others per shape): vectors per group unrolled up to this
@@ -49,6 +49,8 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
     subs = group // v_lanes
     SUB = T.int64(subs)
     unrolled = subs <= unroll
+    tasks, per = task_split(n // tile_cols)
+    NT, TASKS, PER = T.int64(n // tile_cols), T.int64(tasks), T.int64(per)
 
     def weight(q, s, j, g, sub, v):
         scale = T.Cast("float32", s[j, g])
@@ -79,10 +81,12 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
         m = T.int64()
         A = T.match_buffer(a, (T.int64(1), m, K), dtype)
         C = T.match_buffer(c, (T.int64(1), m, N), dtype)
-        for jo in T.parallel(N // TJ):
-            for io in range((m + TI - T.int64(1)) // TI):
-                acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
-                w = T.alloc_buffer((TJ, V), "float32", scope="local")
+        for task in T.parallel(TASKS):  # a run of column tiles each (cpu_matmul.task_split)
+            acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
+            w = T.alloc_buffer((TJ, V), "float32", scope="local")
+            total = T.alloc_buffer((1,), "float32", scope="local")
+            for t, io in T.grid(T.min(PER, NT - task * PER), (m + TI - T.int64(1)) // TI):
+                jo = task * PER + t
                 for ii in T.unroll(TI):
                     for jj in T.unroll(TJ):
                         for v in T.vectorized(V):
@@ -97,7 +101,6 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            total = T.alloc_buffer((1,), "float32", scope="local")
                             total[0] = T.float32(0)
                             for v in range(V):
                                 total[0] = total[0] + acc[ii, jj, v]

@@ -34,12 +34,12 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .cpu_matmul import task_split
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 
 ACT_GROUP = 32  # activations per int8 scale: llama.cpp's Q8_0 block
 CHUNK_BYTES = 64  # one 512-bit load of weight bytes
 LANES = 16  # int32 lanes of one vpdpbusd
-MAX_TASKS = 256  # parallel tasks per call: enough to balance many cores, few enough to set up cheaply
 TILE_COLS = 4  # outputs per tile (the activation chunk's loads are shared by them); tunable
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
@@ -94,9 +94,8 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
     AG, APC, L = T.int64(ACT_GROUP), T.int64(acts_per_chunk), T.int64(LANES)
     NAG = T.int64(k // ACT_GROUP)
     B = T.int64(CHUNK_BYTES)
-    tiles = n // tile_cols
-    tasks = min(tiles, MAX_TASKS)
-    NT, TASKS, PER = T.int64(tiles), T.int64(tasks), T.int64(-(-tiles // tasks))
+    tasks, per = task_split(n // tile_cols)
+    NT, TASKS, PER = T.int64(n // tile_cols), T.int64(tasks), T.int64(per)
 
     def xq_pos(i):
         """Where activation ``i`` goes in ``xq`` (the order its weight bytes are read)."""
@@ -159,11 +158,11 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
             for l in range(L):
                 xdl[c * L + l] = xd[c * APC + l // T.int64(LANES // acts_per_chunk)]
         # The weight stream: TJ outputs per tile, one 64-byte chunk of each per step; each parallel task takes
-        # a run of tiles, so its local buffers are set up once per task rather than once per tile.
+        # a run of tiles (cpu_matmul.task_split).
         for task in T.parallel(TASKS):
             acc = T.alloc_buffer((TJ * L,), "float32", scope="local")
             total = T.alloc_buffer((1,), "float32", scope="local")
-            for tile in range(task * PER, T.min(task * PER + PER, NT)):
+            for tile in range(task * PER, T.min(task * PER + PER, NT)):  # see cpu_matmul.task_split
                 for jj in T.unroll(TJ):
                     acc[T.ramp(jj * L, T.int64(1), LANES)] = T.broadcast(T.float32(0), LANES)
                 for c in range(NC):
