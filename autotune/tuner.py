@@ -33,6 +33,11 @@ from .target_key import target_key
 PREFILL_BUCKETS = (32, 128, 512)
 MIN_REPEAT_SECONDS = 0.02  # a timed repeat runs the kernel at least this long (a decode matmul takes ~50 µs)
 REPEATS = 5
+# A decode step finds its weights in memory, not in cache (the model's weights are read once per step,
+# far more than the last-level cache holds): decode kernels are timed one cold call at a time, with
+# every input but the activations flushed from the caches first. Timed hot, a 1 MB weight stays in
+# L3 and the tile choice that wins there lost 2x in the engine (int4 vocabulary projection, VNNI).
+COLD_REPEATS = 15
 
 
 @dataclass
@@ -225,7 +230,7 @@ class _Measurer:
 
     def outputs(self, task: Task, params: dict[str, int], buckets) -> dict[int, list[np.ndarray]]:
         func, lib = self.compile(task, params)
-        return {b: self._run(lib, self.inputs(task, func, b))[1] for b in buckets}
+        return {b: self._run(lib, self.inputs(task, func, b), cold=b == 1)[1] for b in buckets}
 
     def time(self, task: Task, params: dict[str, int], buckets, reference, compiled=None) -> tuple[float, dict[int, float]]:
         """Seconds per row summed over the buckets (a decode kernel: its one call), and per bucket;
@@ -233,14 +238,14 @@ class _Measurer:
         func, lib = compiled or self.compile(task, params)
         per_bucket = {}
         for b in buckets:
-            seconds, outs = self._run(lib, self.inputs(task, func, b))
+            seconds, outs = self._run(lib, self.inputs(task, func, b), cold=b == 1)
             for got, want in zip(outs, reference[b]):
                 np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2, atol=1e-2,
                                            err_msg=f"{task.title()} with {params} computes another result")
             per_bucket[b] = seconds
         return sum(s / b for b, s in per_bucket.items()), per_bucket
 
-    def _run(self, lib, arrays: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
+    def _run(self, lib, arrays: list[np.ndarray], cold: bool = False) -> tuple[float, list[np.ndarray]]:
         import tvm
 
         if self.remote is not None:
@@ -248,7 +253,12 @@ class _Measurer:
         dev = tvm.cpu(0)
         tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
         lib["main"](*tensors)
-        timer = lib.time_evaluator("main", dev, number=1, repeat=REPEATS, min_repeat_ms=int(MIN_REPEAT_SECONDS * 1e3))
+        if cold:  # see COLD_REPEATS
+            timer = lib.time_evaluator("main", dev, number=1, repeat=COLD_REPEATS, min_repeat_ms=0,
+                                       f_preproc="cache_flush_cpu_non_first_arg")
+        else:
+            timer = lib.time_evaluator("main", dev, number=1, repeat=REPEATS,
+                                       min_repeat_ms=int(MIN_REPEAT_SECONDS * 1e3))
         seconds = float(np.median(timer(*tensors).results))
         return seconds, [tensors[-1].numpy()]
 

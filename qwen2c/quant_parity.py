@@ -41,7 +41,8 @@ from .tolerances import QUANT_LIMITS, compare, tolerance_for
 log = logging.getLogger(__name__)
 
 DEFAULT_POSITIONS = 256
-ROUNDING_RATIO = 0.5  # rounding_check: the engine's mean error against what rounding moves, at most
+ROUNDING_RATIO = 2.0  # rounding_check: at most; two independent roundings differ by about sqrt(2) x one
+PROMPT_CHECKS = 6  # prompt lengths checked to float error when decode steps round activations
 GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}
 
 # An ordinary English passage (written for this project), so real checkpoints are measured on text.
@@ -181,23 +182,30 @@ def _decode_rounding(engine, stored) -> tuple[set[str], int] | None:
 
 
 def rounding_check(ours: np.ndarray, rounded: np.ndarray, unrounded: np.ndarray) -> dict[str, Any]:
-    """Whether the engine computes what transformers with rounded activations computes, beyond the
-    flipped roundings that float error alone causes.
+    """How far the engine's decode steps are from transformers rounding the same activations, as a
+    fraction of how far rounding moves the logits at all (the rounded against the unrounded reference).
 
-    Rounding to int8 is a step function: where a value lands within float error of a rounding
-    boundary, the engine and transformers may round it to neighbouring integers. Each such flip moves
-    later logits by about one rounding step, and through the KV cache every later position too, so
-    past the first flip the two differ by more than float error; in a large model, with ~10^5
-    roundings per token, nearly every position has one. A flip moves the logits far less than the
-    rounding as a whole does. So the engine passes when, on average over positions, it is within
-    half of what rounding changes (the rounded against the unrounded reference) of the rounded
-    reference. A kernel that rounds wrongly, or not at all, is as far from it as rounding moves it.
+    Why not float error: rounding is a step function. A value that lands within float error of a
+    rounding boundary rounds one way in the engine and the other in transformers, which moves the next
+    layer's inputs by a rounding step, which flips more roundings downstream and, through the KV cache,
+    at later positions. In a deep model this cascade makes the two as different as two independent
+    roundings (measured on qwen2-0.5b: 0.97 of the rounding's own effect), while in a 2-layer model
+    most positions match to float error (ratio < 0.1). So this bound is coarse (``ROUNDING_RATIO``):
+    it catches a kernel that scales or rounds wrongly (far beyond what rounding moves), not a subtle
+    one; the kernel's own tests (``tests/test_vnni.py``) hold it to NumPy to float error.
     """
     err = np.abs(ours.astype(np.float64) - rounded).max(-1)
     effect = np.abs(rounded - unrounded).max(-1)
     ratio = float(err.mean() / max(effect.mean(), 1e-30))
     return {"mean_abs_err_vs_rounded": float(err.mean()), "mean_rounding_effect": float(effect.mean()),
             "ratio": ratio, "limit": ROUNDING_RATIO, "passed": ratio <= ROUNDING_RATIO}
+
+
+def prompt_logits(engine, tokens: list[int], count: int = PROMPT_CHECKS) -> dict[int, np.ndarray]:
+    """The engine's logits after prompts of ``count`` lengths spread over ``tokens`` (each one prefill
+    call: the prompt kernels, float activations), keyed by the position of their last token."""
+    lengths = sorted({int(n) for n in np.linspace(2, len(tokens) - 1, count)} - {0, 1})
+    return {n - 1: np.asarray(engine.session().prefill(tokens[:n]), dtype=np.float32) for n in lengths}
 
 
 def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
@@ -238,11 +246,19 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         # CPU dot products for Q8_0/Q4_0 weights round them.
         theirs = reference_logits(model, tokens, float32=False)
 
-    # The kernels against transformers on the same (dequantized) weights: float error only.
-    err, _, scale = compare(ours, own.numpy())
+    # The kernels against transformers on the same (dequantized) weights: float error only. Where the
+    # decode steps round activations, float error holds for the prompt kernels only (sampled prompt
+    # lengths); the decode steps get rounding_check's coarser bound.
     tol = tolerance_for(dtype)
-    flips = rounding_check(ours, own.numpy(), unrounded.numpy()) if rounded else None
-    kernels_ok = tol.allows(err, scale) or bool(flips and flips["passed"])
+    decode = None
+    if rounded:
+        prompts = prompt_logits(engine, tokens)
+        err, _, scale = compare(np.stack(list(prompts.values())), unrounded.numpy()[list(prompts)])
+        decode = {**rounding_check(ours, own.numpy(), unrounded.numpy()), "prompt_positions": list(prompts)}
+        kernels_ok = tol.allows(err, scale) and decode["passed"]
+    else:
+        err, _, scale = compare(ours, own.numpy())
+        kernels_ok = tol.allows(err, scale)
     limits = QUANT_LIMITS[fmt.scheme]
     engine_figures, llama_figures = divergence(reference, ours), divergence(reference, theirs)
     verdict = limits.judge(engine_figures, llama_figures, len(tokens) - 1)
@@ -257,12 +273,21 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         "llama_cpp": {"format": GGUF_TYPES[fmt.scheme], **llama_figures},
         "limits": limits.to_json(),
         "kernels": {"max_abs_err_vs_transformers_on_dequantized_weights": err, "allowed": tol.atol + tol.rtol * scale,
-                    "rounded_activations": flips, "passed": bool(kernels_ok)},
-        "failures": verdict + ([] if kernels_ok else [
-            f"kernel error: max abs err {err:.3e} against transformers on the engine's own dequantized weights "
-            f"(allowed {tol.atol + tol.rtol * scale:.3e})"]),
+                    "rounded_decode": decode, "passed": bool(kernels_ok)},
+        "failures": verdict + _kernel_failures(err, tol.atol + tol.rtol * scale, decode),
         "passed": not verdict and bool(kernels_ok),
     }
+
+
+def _kernel_failures(err: float, allowed: float, decode: dict | None) -> list[str]:
+    out = []
+    if err > allowed:
+        out.append(f"kernel error: max abs err {err:.3e} against transformers on the engine's own dequantized weights "
+                   f"(allowed {allowed:.3e}){' at prompt positions' if decode else ''}")
+    if decode and not decode["passed"]:
+        out.append(f"decode kernel error: {decode['ratio']:.2f} x what rounding activations moves the logits, away from "
+                   f"transformers rounding them (at most {decode['limit']})")
+    return out
 
 
 def format_quantized_report(r: dict[str, Any]) -> str:
@@ -274,14 +299,15 @@ def format_quantized_report(r: dict[str, Any]) -> str:
         f"  {'qwen2c ' + q['scheme']:22}{e['kl']:16.3e}{e['kl_max']:12.3e}{e['top1']:14.1%}",
         f"  {'llama.cpp ' + l['format']:22}{l['kl']:16.3e}{l['kl_max']:12.3e}{l['top1']:14.1%}",
         f"  limits: {r['limits']['text']}",
-        f"  kernels vs transformers on the engine's dequantized weights: max abs err "
-        f"{r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e} "
-        f"(allowed {r['kernels']['allowed']:.3e}) {'ok' if r['kernels']['passed'] else 'FAIL'}",
     ]
-    rounding = r["kernels"].get("rounded_activations")
-    if rounding:
-        lines.insert(-1, "  decode activations rounded to int8 (VNNI), as transformers here rounds them too")
-        lines.append(f"    beyond float error (flipped roundings): mean err {rounding['mean_abs_err_vs_rounded']:.3e} = "
-                     f"{rounding['ratio']:.2f} x what rounding moves the logits (at most {rounding['limit']})")
+    decode = r["kernels"].get("rounded_decode")
+    lines.append(f"  kernels vs transformers on the engine's dequantized weights{' (prompts)' if decode else ''}: max abs err "
+                 f"{r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e} "
+                 f"(allowed {r['kernels']['allowed']:.3e})")
+    if decode:
+        lines.append(f"  decode steps (activations rounded to int8, VNNI) vs transformers rounding them: mean err "
+                     f"{decode['mean_abs_err_vs_rounded']:.3e} = {decode['ratio']:.2f} x what rounding moves the logits "
+                     f"(at most {decode['limit']}; flipped roundings cascade, see quant_parity.rounding_check)")
+    lines.append(f"  kernels: {'ok' if r['kernels']['passed'] else 'FAIL'}")
     lines += [f"  FAIL: {f}" for f in r["failures"]]
     return "\n".join(lines)
