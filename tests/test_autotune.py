@@ -232,8 +232,9 @@ def test_shipped_records_are_valid_and_fit_todays_kernels_of_the_presets():
     lines = (SHIPPED / database.PARAMS).read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert records and all(database.validate(r) is None for r in records)
-    for (target, dtype), group in _groups(records).items():
-        found = find_tasks("qwen2-0.5b", target, dtype, progress=lambda m: None)
+    for (target, dtype, bits), group in _groups(records).items():
+        found = find_tasks("qwen2-0.5b", target, dtype, progress=lambda m: None,
+                           quantize={None: None, 8: "int8", 4: "int4"}[bits])
         structures = {t.key: t.structure() for t in own_tasks(found)}
         assert {r["key"] for r in group} <= set(structures)
         assert all(structures[r["key"]] == r["structure"] for r in group)
@@ -244,7 +245,7 @@ def test_shipped_records_are_valid_and_fit_todays_kernels_of_the_presets():
 def _groups(records):
     groups = {}
     for r in records:
-        groups.setdefault((r["target_name"], r["shape"]["dtype"]), []).append(r)
+        groups.setdefault((r["target_name"], r["shape"]["dtype"], r["shape"].get("bits")), []).append(r)
     return groups
 
 
@@ -252,7 +253,7 @@ def test_a_build_of_the_preset_applies_the_shipped_records_only_where_the_target
     from qwen2c.autotune.apply import SHIPPED, context_for
     from qwen2c.autotune.target_key import target_key
 
-    for name in ("llvm-avx512", "llvm-avx2"):
+    for name in ("llvm-avx512-vnni", "llvm-avx512", "llvm-avx2"):
         spec = TARGETS.resolve(name)
         context = context_for(spec, None, progress=lambda m: None)
         shipped = [json.loads(line) for line in (SHIPPED / database.PARAMS).read_text().splitlines()]
