@@ -177,8 +177,9 @@ def _decode_rounding(engine, stored) -> tuple[set[str], int] | None:
     from qwen2c.schedules.cpu_vnni_gemv import fits
 
     fmt = from_manifest(engine.manifest["quantization"])
-    return {name for name, (q, _) in stored.items() if q.ndim == 2 and fits(
-        q.shape[-1] * (2 if fmt.bits == 4 else 1), q.shape[0], fmt.bits, fmt.group)}, int(rounding["group_size"])
+    layers = {name for name, (q, _) in stored.items() if q.ndim == 2 and fits(
+        q.shape[-1] * (2 if fmt.bits == 4 else 1), q.shape[0], fmt.bits, fmt.group)}
+    return (layers, int(rounding["group_size"])) if layers else None  # none: every width off the kernel's chunks
 
 
 def rounding_check(ours: np.ndarray, rounded: np.ndarray, unrounded: np.ndarray) -> dict[str, Any]:
