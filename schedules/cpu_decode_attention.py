@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .cpu_moe import lanes_for
@@ -61,6 +62,20 @@ def fast_exp2(x):
     return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
+def lane_sum(vector, lanes: int):
+    """The sum of a ``lanes``-wide float32 vector expression: halves added log2(lanes) times.
+
+    Written as shuffles of one value rather than as vectorized loops over a local buffer: LLVM turned
+    the buffer form into an element-by-element extract and insert (about 40 instructions per score,
+    the decode kernel's largest cost at long contexts); this is an extract and an add per halving."""
+    while lanes > 1:
+        half = lanes // 2
+        vector = (tirx.Shuffle([vector], [tirx.IntImm("int32", i) for i in range(half)])
+                  + tirx.Shuffle([vector], [tirx.IntImm("int32", i) for i in range(half, lanes)]))
+        lanes = half
+    return vector
+
+
 def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_size: int,
                   dtype: str = "float32", sliding_window: bool = False, splits: int = SPLITS):
     """Attention of one new query per sequence over its pages (TVM's batch_decode_paged_kv_cpu)."""
@@ -80,6 +95,15 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
         if sliding_window:
             return T.if_then_else(row < length_info[2, b], row, row - length_info[2, b] + length_info[1, b])
         return row
+
+    def score_lanes(qs, pages, page, h, kvh, slot):
+        """q . k as V float32 lanes: the head_dim products summed over its DO vectors."""
+        total = None
+        for do in range(DO):
+            lanes = T.ramp(T.int32(do * V), 1, V)
+            term = qs[h, lanes] * T.Cast(f"float32x{V}", pages[page, 0, kvh, slot, lanes])
+            total = term if total is None else total + term
+        return total
 
     @T.prim_func(private=True)
     def batch_decode_paged_kv_cpu(
@@ -124,7 +148,6 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
             qs = T.alloc_buffer((q_heads, head_dim), "float32", scope="local")
             acc = T.alloc_buffer((q_heads, head_dim), "float32", scope="local")
             s = T.alloc_buffer((q_heads, TILE), "float32", scope="local")
-            dot = T.alloc_buffer((V,), "float32", scope="local")
             md = T.alloc_buffer((q_heads, 4), "float32", scope="local")  # max, denominator, tile max, rescale
             span = T.alloc_buffer((5,), "int32", scope="local")  # rows, tiles per range, first tile, end tile, row
             b = task // NS
@@ -152,25 +175,9 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
                     for j in range(T.min(TILE, span[0] - (span[2] + tile) * TILE)):
                         span[4] = seq_offset(length_info, b, (span[2] + tile) * TILE + j)
                         for g in range(group):
-                            for lane in T.vectorized(V):
-                                dot[lane] = T.float32(0)
-                            for do in range(DO):
-                                for lane in T.vectorized(V):
-                                    dot[lane] = dot[lane] + qs[kvh * group + g, do * V + lane] * T.Cast("float32", pages[
-                                        page_values[page_indptr[b] + span[4] // PAGE], 0, kvh, span[4] % PAGE, do * V + lane])
-                            # Tree sum of the lanes: log2(V) vector adds instead of V scalar ones.
-                            if V >= 16:
-                                for lane in T.vectorized(8):
-                                    dot[lane] = dot[lane] + dot[lane + 8]
-                            if V >= 8:
-                                for lane in T.vectorized(4):
-                                    dot[lane] = dot[lane] + dot[lane + 4]
-                            if V >= 4:
-                                for lane in T.vectorized(2):
-                                    dot[lane] = dot[lane] + dot[lane + 2]
-                            if V >= 2:
-                                dot[0] = dot[0] + dot[1]
-                            s[kvh * group + g, j] = dot[0]
+                            s[kvh * group + g, j] = lane_sum(score_lanes(
+                                qs, pages, page_values[page_indptr[b] + span[4] // PAGE], kvh * group + g, kvh,
+                                span[4] % PAGE), V)
                 # One online-softmax update per tile and head.
                 for h in range(q_heads):
                     md[h, 2] = s[h, 0]
