@@ -283,11 +283,9 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def _rounds_activations(spec) -> bool:
     """Whether the engine's quantized decode steps round activations to int8 (VNNI CPU targets)."""
-    if spec.backend != "tvm" or spec.device != "cpu":
-        return False
     from .targets.tvm.pipelines.cpu import uses_vnni
 
-    return uses_vnni(spec)
+    return spec.backend == "tvm" and uses_vnni(spec)
 
 
 def _weight_format(fmt) -> str:

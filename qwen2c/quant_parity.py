@@ -44,6 +44,7 @@ DEFAULT_POSITIONS = 256
 ROUNDING_RATIO = 2.0  # rounding_check: at most; two independent roundings differ by about sqrt(2) x one
 PROMPT_CHECKS = 6  # prompt lengths checked to float error when decode steps round activations
 GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}
+Q8_0_BLOCK = 32  # inputs per scale of llama.cpp's Q8_0 (its weight blocks, and its activations' rounding)
 
 # An ordinary English passage (written for this project), so real checkpoints are measured on text.
 PASSAGE = (
@@ -153,7 +154,7 @@ def round_activations(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def activations_rounded(model, layers, group: int = 32):
+def activations_rounded(model, layers, group: int = Q8_0_BLOCK):
     """``model`` with the inputs of the linear layers whose weight is named in ``layers`` rounded by
     ``round_activations`` (a tied vocabulary projection by its embedding's name); hooks removed after."""
     weights = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in layers}
@@ -227,7 +228,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
     gguf_type = GGMLQuantizationType[GGUF_TYPES[fmt.scheme]]
 
     def llama_cpp(name, p):
-        if name not in quantized or p.shape[-1] % 32:
+        if name not in quantized or p.shape[-1] % Q8_0_BLOCK:
             return None
         w = p.detach().float().cpu().numpy()
         return torch.from_numpy(quants.dequantize(quants.quantize(w, gguf_type), gguf_type).reshape(w.shape))
@@ -242,7 +243,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
             with activations_rounded(model, *rounded):
                 own = reference_logits(model, tokens)
     with weights_replaced(model, llama_cpp), activations_rounded(
-            model, {n for n in quantized if stored[n][0].ndim == 2}, 32):
+            model, {n for n in quantized if stored[n][0].ndim == 2}, Q8_0_BLOCK):
         # In the engine's dtype, as the engine runs, with activations rounded to Q8_0 as llama.cpp's
         # CPU dot products for Q8_0/Q4_0 weights round them.
         theirs = reference_logits(model, tokens, float32=False)

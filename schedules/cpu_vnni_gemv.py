@@ -52,7 +52,8 @@ def chunk_inputs(bits: int) -> int:
 
 def fits(k: int, n: int, bits: int, group: int) -> bool:
     """Whether this kernel serves a ``k``-input, ``n``-output layer (else ``cpu_qmatmul`` does)."""
-    return k % chunk_inputs(bits) == 0 and k % ACT_GROUP == 0 and chunk_inputs(bits) % group == 0 and n >= 1
+    # Whole chunks, each holding whole weight groups (and, 64 or 128 inputs, whole activation groups).
+    return k % chunk_inputs(bits) == 0 and chunk_inputs(bits) % group == 0
 
 
 def default_tile_cols(n: int) -> int:
@@ -124,8 +125,7 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
 
     def lane_scales(s, row, c):
         loaded = s[row, T.ramp(c * PC, T.int64(1), per_chunk)] if per_chunk > 1 else s[row, c * PC]
-        width = per_chunk
-        return _spread(T.Cast(f"float32x{width}" if width > 1 else "float32", loaded), width, lane_group)
+        return _spread(T.Cast(f"float32x{per_chunk}" if per_chunk > 1 else "float32", loaded), per_chunk, lane_group)
 
     @T.prim_func(private=True)
     def vnni_gemv(A: T.Buffer((T.int64(1), T.int64(1), K), dtype), q: T.Buffer((N, KQ), qdtype(bits)),
