@@ -44,6 +44,25 @@ def max_context(value, model_limit: int) -> int:
     return value
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def kv_cache_dtype(value, dtype: str, quantized: bool, backend: str) -> str:
+    """The KV cache's element type. ``auto`` (None): float16 for a quantized float32 TVM engine, as
+    llama.cpp keeps its cache whatever its weights (it halves what a long context's decode step
+    reads; the check of a quantized engine measures what it costs), else the engine's dtype. The
+    cache's dtype bounds the engine's precision, so parity is then held to the looser tolerance of
+    the two (``tolerances.tolerance_for_engine``)."""
+    if value is None or value == "auto":
+        return "float16" if quantized and dtype == "float32" and backend == "tvm" else dtype
+    if value not in KV_CACHE_DTYPES:
+        raise ConfigError(f"--kv-cache-dtype {value!r}: choose one of {', '.join(KV_CACHE_DTYPES)}.")
+    if value != dtype and backend != "tvm":
+        raise ConfigError(f"--kv-cache-dtype {value} with --backend {backend}: that backend keeps its cache in the "
+                          f"engine's dtype ({dtype}); a separate cache dtype is a TVM-engine option.")
+    return value
+
+
 def parity_steps(value, context: int, default: int) -> int:
     """Decode steps of the parity check: they and a prompt of at least 2 tokens fit the context."""
     most = context - MIN_PARITY_PROMPT

@@ -58,6 +58,7 @@ def build(
     backend: str | None = None,
     tuning_db: str | Path | list[str | Path] | None = None,
     no_tuning: bool = False,
+    kv_cache_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Build an engine directory at ``out``; return its manifest.
 
@@ -74,6 +75,7 @@ def build(
     ``tuning_db``: tuning databases (``qwen2c tune --db``) whose records for this target set kernel
     parameters; None: the records qwen2c ships, where they match; ``no_tuning``: every default
     (``autotune/apply.py``). The manifest's ``tuning`` says which kernels were tuned.
+    ``kv_cache_dtype``: the KV cache's element type (None or "auto": ``args.kv_cache_dtype``).
 
     Every argument is checked, and the destination proven writable with room for the engine,
     before any slow step. Interrupted (Ctrl-C) at any point, the build raises KeyboardInterrupt,
@@ -83,12 +85,12 @@ def build(
     start = time.monotonic()
     with interrupt_guard() as guard:
         return _build(model, target, Path(out), dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
-                      sign_key, guard, start, quantize, group_size, backend, tuning_db, no_tuning)
+                      sign_key, guard, start, quantize, group_size, backend, tuning_db, no_tuning, kv_cache_dtype)
 
 
 def _build(model, target, out: Path, dtype, max_context, force, parity_steps, moe_dispatch, arch, progress,
            sign_key, guard, start, quantize=None, group_size=None, backend=None, tuning_db=None,
-           no_tuning=False) -> dict[str, Any]:
+           no_tuning=False, kv_cache_dtype=None) -> dict[str, Any]:
     with interrupt_deferred():  # interrupts.py: a Ctrl-C inside C++ initialisation can abort the process
         import transformers  # noqa: F401
         from torch.export import export  # noqa: F401
@@ -105,11 +107,12 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
     source = resolve_model(model)
     if dtype is None:
         dtype = checkpoint_dtype(source) if spec.default_dtype == "checkpoint" else spec.default_dtype
+    kv_dtype = args.kv_cache_dtype(kv_cache_dtype, dtype, fmt is not None, spec.backend)
     max_context = args.max_context(max_context, context_limit(source.config))
     parity_steps = args.parity_steps(parity_steps, max_context, DEFAULT_DECODE_STEPS)
     signer = load_private_key(sign_key) if sign_key is not None else None
     # The backend refuses what it cannot build here (toolchains, dtypes, options), before anything loads.
-    lowering.prepare(spec, dtype, {"moe_dispatch": moe_dispatch, "quantize": fmt})
+    lowering.prepare(spec, dtype, {"moe_dispatch": moe_dispatch, "quantize": fmt, "kv_cache_dtype": kv_dtype})
     tuning = _tuning(spec, tuning_db, no_tuning, progress)
 
     parity_here = lowering.runs_here(spec)
@@ -119,7 +122,7 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
         engine_dir.check_free_space(staging.path, out, source.param_count() * DTYPE_BYTES[dtype])
         with _temporary_files_in(staging.path):
             manifest = _build_into(staging.path, out, source, spec, lowering, dtype, max_context, parity_steps,
-                                   parity_here, moe_dispatch, _Clock(progress, guard, start), fmt, tuning)
+                                   parity_here, moe_dispatch, _Clock(progress, guard, start), fmt, tuning, kv_dtype)
         guard.checkpoint()
         try:
             manifest = engine_dir.write_manifest(staging.path, manifest)
@@ -136,7 +139,8 @@ def _build(model, target, out: Path, dtype, max_context, force, parity_steps, mo
 
 
 def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, max_context: int, parity_steps: int,
-                parity_here: bool, moe_dispatch: str, clock: "_Clock", fmt=None, tuning=None) -> dict[str, Any]:
+                parity_here: bool, moe_dispatch: str, clock: "_Clock", fmt=None, tuning=None,
+                kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """Every slow step, into ``staging``; returns the manifest (not yet written: until it is, the
     staging folder is not an engine). ``lowering``: the backend's module (``targets/backends.py``)."""
     import transformers
@@ -162,7 +166,9 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
     moe = _moe_manifest(config, moe_dispatch)
     params = _param_table(program, param_names(program), formats)
     # What the backend may record of the build (the TVM backend fingerprints its library with it).
+    kv_cache_dtype = kv_cache_dtype or dtype
     options = {"moe_dispatch": moe_dispatch, "quantize": fmt, "formats": formats, "model_config": cfg,
+               "kv_cache_dtype": kv_cache_dtype,
                "params": params, "moe": moe, "weight_format": _weight_format(fmt)}
     with tuning_context(tuning):  # kernels take their parameters from it (autotune/params.py)
         lowered = lowering.lower(program, config, spec, dtype, max_context, options, progress)
@@ -186,6 +192,7 @@ def _build_into(staging: Path, out: Path, source, spec, lowering, dtype: str, ma
         **{k: v for k, v in fields.items() if k != "versions"},
         "backend": spec.backend,
         "dtype": dtype,
+        "kv_cache_dtype": kv_cache_dtype,
         "weight_format": _weight_format(fmt),
         "max_context": max_context,
         "moe": moe,

@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(default none); the embedding, vocabulary projection and MoE experts included")
     b.add_argument("--group-size", type=int, default=None, choices=(32, 64),
                    help="inputs per quantization scale (default 32, as llama.cpp's Q8_0/Q4_0)")
+    b.add_argument("--kv-cache-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="the KV cache's element type (default auto: float16 for quantized float32 engines, as "
+                        "llama.cpp keeps its cache, which halves what a long context's decode step reads; else "
+                        "the engine's dtype); parity then allows the looser tolerance of the two")
     b.add_argument("--tuning-db", action="append", default=None, metavar="DIR",
                    help="tuning database (`qwen2c tune --db`) whose records for this target set kernel parameters; "
                         "repeatable (default: the records qwen2c ships, where the target matches)")
@@ -233,7 +237,7 @@ def _build(args) -> int:
                      force=args.force, parity_steps=args.parity_steps, moe_dispatch=args.moe_dispatch,
                      arch=args.arch, progress=_progress, sign_key=args.sign_key,
                      quantize=args.quantize, group_size=args.group_size, backend=args.backend,
-                     tuning_db=args.tuning_db, no_tuning=args.no_tuning)
+                     tuning_db=args.tuning_db, no_tuning=args.no_tuning, kv_cache_dtype=args.kv_cache_dtype)
     parity = manifest["parity"]
     status = "parity PASS" if isinstance(parity, dict) else f"parity {parity}"
     print(f"built {args.output} ({manifest['target']['name']}, {manifest['backend']}, {manifest['dtype']}, {status})")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .tolerances import HALF_ERROR_FACTOR, compare, tolerance_for
+from .tolerances import HALF_ERROR_FACTOR, compare, tolerance_for_engine
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def check_parity(engine, model, dtype: str, prompt_tokens: int = DEFAULT_PROMPT_
     for t in fed:
         actual.append(session.decode(t))
         routing.append(session.routing)
-    tol = tolerance_for(dtype)
+    tol = tolerance_for_engine(dtype, engine.manifest.get("kv_cache_dtype"))
     steps = []
     for i, (got, ref) in enumerate(zip(actual, expected)):
         err, rel, scale = compare(got, ref)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -170,6 +171,43 @@ def activations_rounded(model, layers, group: int = Q8_0_BLOCK):
             h.remove()
 
 
+@contextlib.contextmanager
+def cache_rounded(model, kv_cache_dtype: str | None):
+    """``model`` rounding what the engine's KV cache rounds, when it holds coarser numbers than the
+    model computes in (``--kv-cache-dtype``; None: nothing rounded): q, k and v as they enter the cache's
+    kernels, q and k again after RoPE (the cache's RoPE kernel writes its element type), and the
+    attention output as it leaves them. The kernels accumulate in float32, as transformers does here."""
+    if kv_cache_dtype is None:
+        yield model
+        return
+    dtype = getattr(torch, kv_cache_dtype)
+    attentions = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    if not attentions:
+        yield model
+        return
+    hooks, patched = [], {}
+
+    def rounded(x):
+        return x.to(dtype).to(x.dtype)
+
+    try:
+        for attn in attentions:
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                hooks.append(proj.register_forward_hook(lambda _m, _args, out: rounded(out)))
+            hooks.append(attn.o_proj.register_forward_pre_hook(lambda _m, args: (rounded(args[0]), *args[1:])))
+            module = sys.modules[type(attn).__module__]
+            if module not in patched and hasattr(module, "apply_rotary_pos_emb"):
+                patched[module] = module.apply_rotary_pos_emb
+                module.apply_rotary_pos_emb = (lambda rope: lambda *a, **k: tuple(rounded(t) for t in rope(*a, **k)))(
+                    patched[module])
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        for module, rope in patched.items():
+            module.apply_rotary_pos_emb = rope
+
+
 def _decode_rounding(engine, stored) -> tuple[set[str], int] | None:
     """The layers whose decode-step inputs the engine rounds to int8, and its group (None: none)."""
     rounding = (engine.manifest.get("quantization") or {}).get("decode_activations")
@@ -234,15 +272,18 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         return torch.from_numpy(quants.dequantize(quants.quantize(w, gguf_type), gguf_type).reshape(w.shape))
 
     rounded = _decode_rounding(engine, stored)
+    kv_cache = engine.manifest.get("kv_cache_dtype")
+    kv_cache = kv_cache if kv_cache not in (None, dtype) else None
     # engine_logits feeds one token per call, which the engine runs through its decode step: with
-    # its activations rounded at every position.
-    with weights_replaced(model, ours_dequantized):
+    # its activations rounded at every position. The cache rounds first (its output feeds o_proj).
+    with weights_replaced(model, ours_dequantized), cache_rounded(model, kv_cache):
         own = reference_logits(model, tokens)
         unrounded = own
         if rounded:
             with activations_rounded(model, *rounded):
                 own = reference_logits(model, tokens)
-    with weights_replaced(model, llama_cpp), activations_rounded(
+    # llama.cpp keeps a float16 cache by default: its column rounds as ours does when ours does too.
+    with weights_replaced(model, llama_cpp), cache_rounded(model, kv_cache), activations_rounded(
             model, {n for n in quantized if stored[n][0].ndim == 2}, Q8_0_BLOCK):
         # In the engine's dtype, as the engine runs, with activations rounded to Q8_0 as llama.cpp's
         # CPU dot products for Q8_0/Q4_0 weights round them.
@@ -251,7 +292,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
     # The kernels against transformers on the same (dequantized) weights: float error only. Where the
     # decode steps round activations, float error holds for the prompt kernels only (sampled prompt
     # lengths); the decode steps get rounding_check's coarser bound.
-    tol = tolerance_for(dtype)
+    tol = tolerance_for(dtype)  # the cache's rounding is modelled (cache_rounded), so float error holds
     decode = None
     if rounded:
         prompts = prompt_logits(engine, tokens)

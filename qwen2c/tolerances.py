@@ -87,6 +87,16 @@ def tolerance_for(dtype: str) -> Tolerance:
         raise ValueError(f"no tolerance for dtype {dtype!r}; known: {sorted(TOLERANCES)}") from None
 
 
+def tolerance_for_engine(dtype: str, kv_cache_dtype: str | None = None) -> Tolerance:
+    """An engine's tolerance: its dtype's, or its KV cache's where the cache holds coarser numbers
+    (a float32 engine with a float16 cache rounds every key, value and attention output to float16)."""
+    tol = tolerance_for(dtype)
+    if kv_cache_dtype is None or kv_cache_dtype == dtype:
+        return tol
+    cache = tolerance_for(kv_cache_dtype)
+    return Tolerance(atol=max(tol.atol, cache.atol), rtol=max(tol.rtol, cache.rtol))
+
+
 def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float, float]:
     """(max abs error, relative error, scale of the expected values)."""
     actual = np.asarray(actual, dtype=np.float64)

@@ -152,3 +152,43 @@ def test_the_float32_reference_runs_without_a_float32_copy_and_equals_one(tmp_pa
     assert fed_half == fed
     assert all(np.array_equal(g, e) for g, e in zip(got, expected))
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # weights put back, never duplicated
+
+
+def test_float16_kv_cache_of_a_float32_engine(tmp_path, tiny_checkpoint, tiny_engine):
+    """--kv-cache-dtype float16: the cache really holds float16 (logits move off the float32-cache
+    engine's by about float16's rounding, not more), parity is held to float16's tolerance, and the
+    manifest says so."""
+    import numpy as np
+
+    import qwen2c
+    from qwen2c.tolerances import tolerance_for
+
+    manifest = qwen2c.build(str(tiny_checkpoint), "llvm", tmp_path / "e", max_context=64, kv_cache_dtype="float16")
+    assert manifest["kv_cache_dtype"] == "float16" and manifest["dtype"] == "float32"
+    assert manifest["parity"]["passed"]
+    assert qwen2c.load(tiny_engine).manifest["kv_cache_dtype"] == "float32"
+    prompt = list(range(3, 40))
+    half = qwen2c.load(tmp_path / "e").session()
+    full = qwen2c.load(tiny_engine).session()
+    a, b = np.asarray(half.prefill(prompt)), np.asarray(full.prefill(prompt))
+    steps = [(np.asarray(half.decode(t)), np.asarray(full.decode(t))) for t in (5, 9, 11)]
+    for x, y in [(a, b), *steps]:
+        err = np.abs(x - y).max()
+        assert 0 < err and tolerance_for("float16").allows(err, np.abs(y).max())
+
+
+def test_kv_cache_dtype_options_are_checked(tmp_path, tiny_checkpoint):
+    import pytest
+
+    import qwen2c
+    from qwen2c.args import kv_cache_dtype
+    from qwen2c.errors import ConfigError
+
+    assert kv_cache_dtype(None, "float32", True, "tvm") == "float16"
+    assert kv_cache_dtype("auto", "float32", False, "tvm") == "float32"
+    assert kv_cache_dtype("auto", "bfloat16", True, "tvm") == "bfloat16"
+    with pytest.raises(ConfigError, match="--kv-cache-dtype 'int8'"):
+        qwen2c.build(str(tiny_checkpoint), "llvm", tmp_path / "bad", kv_cache_dtype="int8")
+    with pytest.raises(ConfigError, match="--backend onnxruntime"):
+        qwen2c.build(str(tiny_checkpoint), "llvm", tmp_path / "ort", backend="onnxruntime", kv_cache_dtype="float16")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "ort").exists()

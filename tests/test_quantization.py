@@ -165,6 +165,7 @@ def test_int4_engine_stores_packed_weights_and_reports_what_it_costs(tmp_path, t
     q = manifest["quantization"]
     assert q["scheme"] == "int4" and q["group_size"] == 32 and q["scale_dtype"] == "float16"
     assert q["float_reference"] == str(tiny_checkpoint.resolve())
+    assert manifest["kv_cache_dtype"] == "float16"  # auto: as llama.cpp keeps its cache
     tensors = load_file(str(out / "model.safetensors"))
     packed = tensors["model.layers.0.mlp.down_proj.weight.qweight"]
     assert packed.dtype == np.uint8 and packed.shape == (64, 80)
@@ -173,7 +174,8 @@ def test_int4_engine_stores_packed_weights_and_reports_what_it_costs(tmp_path, t
     assert "model.norm.weight" in tensors
     parity = manifest["parity"]
     assert parity["passed"] and parity["positions"] == 159 and parity["llama_cpp"]["format"] == "Q4_0"
-    # The kernels compute what transformers computes on the same dequantized weights, to float error.
+    # The kernels compute what transformers computes on the same dequantized weights (rounding what the
+    # float16 cache rounds: quant_parity.cache_rounded), to float error.
     assert parity["kernels"]["max_abs_err_vs_transformers_on_dequantized_weights"] < 1e-4
     assert 0 < parity["engine"]["kl"] < 0.01
     assert (out / "model.safetensors").stat().st_size < 0.4 * (tiny_engine / "model.safetensors").stat().st_size

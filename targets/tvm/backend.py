@@ -58,7 +58,7 @@ def lower(program, config, spec, dtype: str, max_context: int, options: dict[str
     """``options`` (from the builder): ``moe_dispatch``; ``formats`` (per parameter, its quantization or
     None; None when not quantized); and what the fingerprint records: ``model_config`` (the
     checkpoint's config.json), ``params`` (the builder's parameter table), ``moe`` (the manifest's MoE
-    section) and ``weight_format``."""
+    section) and ``weight_format``; ``kv_cache_dtype``: the cache's element type (None: ``dtype``)."""
     from qwen2c.fingerprint import for_build
 
     from ..registry import linker_for
@@ -68,7 +68,8 @@ def lower(program, config, spec, dtype: str, max_context: int, options: dict[str
     from .relax_module import build_relax_module
 
     module = add_fingerprint(
-        build_relax_module(program, config, dtype, options.get("moe_dispatch", "sparse"), options.get("formats")),
+        build_relax_module(program, config, dtype, options.get("moe_dispatch", "sparse"), options.get("formats"),
+                           options.get("kv_cache_dtype")),
         for_build(spec, dtype, max_context, options))
     compiled = compile_module(module, spec)
     if compiled.launches:

@@ -38,8 +38,9 @@ def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, weight: relax.Expr, bias:
     return out if bias is None else bb.emit(relax.op.add(out, bias))
 
 
-def convert_map(kv_cache: relax.Var, moe_dispatch: str = "sparse") -> ConvertMap:
-    """Converters for the qwen2c ops, keyed as TVM's importer names call targets."""
+def convert_map(kv_cache: relax.Var, moe_dispatch: str = "sparse", kv_cache_dtype: str | None = None) -> ConvertMap:
+    """Converters for the qwen2c ops, keyed as TVM's importer names call targets. ``kv_cache_dtype``:
+    the cache's element type, when it is not the activations' (None: theirs)."""
     if moe_dispatch not in MOE_DISPATCHES:
         raise ValueError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {moe_dispatch!r}")
 
@@ -52,13 +53,20 @@ def convert_map(kv_cache: relax.Var, moe_dispatch: str = "sparse") -> ConvertMap
         kv_heads = k.ty.shape[2]
         qkv = bb.emit(relax.op.concat([q, k, v], axis=2))
         qkv = bb.emit(relax.op.reshape(qkv, (batch * seq, q_heads + 2 * kv_heads, head_dim)))
+        # The cache's kernels (RoPE, append, attention) work in its element type: q, k and v enter it
+        # rounded to it, the output leaves it (the kernels accumulate in float32 either way).
+        cache_dtype = kv_cache_dtype or str(q.ty.dtype)
+        if cache_dtype != str(q.ty.dtype):
+            qkv = bb.emit(relax.op.astype(qkv, cache_dtype))
         out = bb.emit(
             relax.call_dps_packed(
                 KV_ATTENTION,
                 [kv_cache, relax.prim_value(int(layer)), relax.prim_value(float(scale)), qkv],
-                out_ty=relax.TensorType((batch * seq, q_heads, head_dim), q.ty.dtype),
+                out_ty=relax.TensorType((batch * seq, q_heads, head_dim), cache_dtype),
             )
         )
+        if cache_dtype != str(q.ty.dtype):
+            out = bb.emit(relax.op.astype(out, q.ty.dtype))
         return bb.emit(relax.op.reshape(out, (batch, seq, q_heads, head_dim)))
 
     def rms_norm(node: fx.Node, importer) -> relax.Var:

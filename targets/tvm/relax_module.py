@@ -51,13 +51,15 @@ class _Importer(ExportedProgramImporter):
 
 
 def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse",
-                       weight_formats=None) -> tvm.IRModule:
+                       weight_formats=None, kv_cache_dtype: str | None = None) -> tvm.IRModule:
     """``weight_formats``: per weight parameter (program order), its ``WeightFormat`` when it is stored
-    quantized (``quantized_params.py``), else None; None for an unquantized engine."""
+    quantized (``quantized_params.py``), else None; None for an unquantized engine.
+    ``kv_cache_dtype``: the cache's element type (None: ``dtype``); attention runs in it."""
+    kv_cache_dtype = kv_cache_dtype or dtype
     kv_cache = relax.Var("kv_cache", relax.ObjectType())
     try:
         mod = _Importer(t for _, t in program.named_parameters()).from_exported_program(
-            program, True, True, False, {**convert_map(kv_cache, moe_dispatch), **BOUNDED_EMBEDDING})
+            program, True, True, False, {**convert_map(kv_cache, moe_dispatch, kv_cache_dtype), **BOUNDED_EMBEDDING})
     except AssertionError as e:  # TVM's importer asserts it has a converter for every op
         found = re.search(r"Unsupported function types \[(.*)\]", str(e))
         if found is None:
@@ -84,6 +86,6 @@ def build_relax_module(program, config, dtype: str, moe_dispatch: str = "sparse"
         decode = relax.transform.BindSymbolicVars({seq: 1})(tvm.IRModule({"decode": decode}))["decode"]
     out["decode"] = decode
     geometry = {"layers": config.num_hidden_layers, "q_heads": config.num_attention_heads,
-                "kv_heads": config.num_key_value_heads, "head_dim": head_dim(config), "dtype": dtype,
+                "kv_heads": config.num_key_value_heads, "head_dim": head_dim(config), "dtype": kv_cache_dtype,
                 **attention_geometry(program)}
     return out.with_attr(KV_CACHE_ATTR, geometry)
