@@ -61,6 +61,10 @@ SPACES: dict[str, Space] = {
     # schedules/cpu_matmul.py: a linear layer, y = x @ W^T.
     "nt_matmul": Space({"tile_rows": (1, 2, 3, 4, 6, 8), "tile_cols": (1, 2, 4, 8)}, measurable=True,
                        valid=_matmul_valid),
+    # schedules/cpu_packed_matmul.py: a prompt's linear layer over a packed weight panel (outer products).
+    "packed_matmul": Space({"rows": (2, 4, 6, 8, 12), "col_vectors": (1, 2, 4)}, measurable=True,
+                           valid=lambda shape, p: shape["n"] % (p["col_vectors"] * shape["vector"]) == 0
+                           and p["rows"] * p["col_vectors"] + p["col_vectors"] + 1 <= (32 if shape["vector"] >= 16 else 16)),
     # schedules/cpu_qmatmul.py: the same over int8/int4 weights dequantized in registers.
     "q_matmul": Space({"tile_rows": (1, 2, 3, 4, 6), "tile_cols": (1, 2, 4, 8), "unroll": (1, 2, 4, 8, 16)},
                       measurable=True, valid=_matmul_valid),
