@@ -90,6 +90,19 @@ def test_cpu_quantized_matmul_matches_numpy(scheme, group, m, rows, n):
     np.testing.assert_allclose(y, x @ fmt.dequantize(q, scales).numpy().T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scheme, group", [("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("m", [2, 9, 19])
+def test_packed_quantized_prompt_kernel_matches_numpy(scheme, group, m):
+    from qwen2c.schedules.cpu_packed_matmul import packed_matmul_kernel
+
+    k, n = 192, LANES * 6
+    fmt = weight_format(scheme, group)
+    q, scales = fmt.quantize(_weights(n, k, seed=3))
+    x = np.random.default_rng(1).standard_normal((1, m, k), dtype=np.float32)
+    y = _run(packed_matmul_kernel(k, n, LANES, 8, 2, quant=(fmt.bits, group)), x, q, scales, out_shape=(1, m, n))
+    np.testing.assert_allclose(y, x @ fmt.dequantize(q, scales).numpy().T, rtol=1e-5, atol=1e-5)
+
+
 def test_quantized_embedding_gather_matches_numpy():
     fmt = weight_format("int4", 32)
     q, scales = fmt.quantize(_weights(100, 64))
