@@ -17,17 +17,27 @@ recompute the last row) and not stored.
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .cpu_matmul import task_split
-from .dequantize import element, qdtype, stored_shapes
+from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 
 ROWS = 6  # rows per tile (tunable): ROWS * COL_VECTORS accumulators plus the panel's vectors fit 32 zmm
 COL_VECTORS = 4  # panel columns, in vectors (tunable)
 
 
 def fits(k: int, n: int, vector: int, col_vectors: int = COL_VECTORS) -> bool:
-    return n % (col_vectors * vector) == 0
+    # Whole panels of columns; K in whole vectors (the panel is packed a square block at a time).
+    return n % (col_vectors * vector) == 0 and k % vector == 0
+
+
+def _swap_lanes(b: int, lanes: int) -> tuple[list[int], list[int]]:
+    """Indices into (row i, row i + b) concatenated giving the new rows i and i + b of one transpose
+    stage: the off-diagonal b x b blocks of every 2b x 2b block change places."""
+    first = [(lanes + l - b) if l & b else l for l in range(lanes)]
+    second = [(lanes + l) if l & b else (l + b) for l in range(lanes)]
+    return first, second
 
 
 def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vectors: int = COL_VECTORS,
@@ -42,6 +52,58 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
     K, N, TI, CV, V, COLS = (T.int64(v) for v in (k, n, rows, col_vectors, vector, cols))
     tasks, per = task_split(n // cols)
     NP, TASKS, PER = T.int64(n // cols), T.int64(tasks), T.int64(per)
+
+    def lanes(start):
+        return tirx.Ramp(start, T.int64(1), vector)
+
+    def weight_vector(w, q, s, row, k0):
+        """float32 weights ``row``, inputs ``k0 .. k0 + V`` (k0 a multiple of V): one vector load."""
+        if quant is None:
+            return T.Cast(f"float32x{vector}", w[row, lanes(k0)])
+        bits, group = quant
+        scale = tirx.Broadcast(T.Cast("float32", s[row, k0 // T.int64(group)]), vector)
+        if bits == 8:
+            return T.Cast(f"float32x{vector}", q[row, lanes(k0)]) * scale
+        # int4: V <= 16 inputs of one nibble half of a 32-input block, contiguous bytes, one shift.
+        byte = k0 // T.int64(INT4_BLOCK) * T.int64(INT4_BLOCK // 2) + k0 % T.int64(INT4_BLOCK // 2)
+        shift = tirx.Broadcast(T.Cast("int32", k0 // T.int64(INT4_BLOCK // 2) % T.int64(2) * T.int64(4)), vector)
+        nibble = T.bitwise_and(T.shift_right(T.Cast(f"int32x{vector}", q[row, lanes(byte)]), shift),
+                               tirx.Broadcast(T.int32(15), vector))
+        return (T.Cast(f"float32x{vector}", nibble) - tirx.Broadcast(T.float32(8), vector)) * scale
+
+    def swapped(src, i, b: int, which: int):
+        idx = _swap_lanes(b, vector)[which]
+        return tirx.Shuffle([src[i, lanes(T.int64(0))], src[i + T.int64(b), lanes(T.int64(0))]],
+                            [tirx.IntImm("int32", x) for x in idx])
+
+    @T.macro
+    def stage(src, dst, b: int):
+        """One transpose stage over a V x V block: rows i (bit b clear) and i + b swap their off-diagonal halves."""
+        for g, t in T.grid(V // T.int64(2 * b), T.int64(b)):
+            dst[g * T.int64(2 * b) + t, lanes(T.int64(0))] = swapped(src, g * T.int64(2 * b) + t, b, 0)
+            dst[g * T.int64(2 * b) + t + T.int64(b), lanes(T.int64(0))] = swapped(src, g * T.int64(2 * b) + t, b, 1)
+
+    @T.macro
+    def pack(w, q, s, panel, blk, tmp, jp):
+        """Panel ``jp`` (weight rows jp*COLS ..) transposed into ``panel`` [K, COLS], a V x V block at
+        a time: V row loads, log2(V) stages of two-row shuffles, V stores (a scalar copy costs a load
+        and a store per weight, which dominated prompts of a few hundred rows)."""
+        for jb, kb in T.grid(CV, K // V):
+            for r in T.unroll(V):
+                blk[r, lanes(T.int64(0))] = weight_vector(w, q, s, jp * COLS + jb * V + r, kb * V)
+            # Stages b = V/2, V/4, .., 1, alternating between the two blocks (V is 4, 8 or 16).
+            stage(blk, tmp, vector // 2)
+            if vector >= 4:
+                stage(tmp, blk, vector // 4)
+            if vector >= 8:
+                stage(blk, tmp, vector // 8)
+            if vector >= 16:
+                stage(tmp, blk, vector // 16)
+            for r in T.unroll(V):
+                if vector in (8, 2):  # an odd number of stages: the result is in tmp
+                    panel[kb * V + r, lanes(jb * V)] = tmp[r, lanes(T.int64(0))]
+                else:
+                    panel[kb * V + r, lanes(jb * V)] = blk[r, lanes(T.int64(0))]
 
     @T.macro
     def sweep(A, C, panel, acc, jp, m):
@@ -73,10 +135,10 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
             for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
                 panel = T.alloc_buffer((K, COLS), "float32")
                 acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
+                blk = T.alloc_buffer((V, V), "float32", scope="local")
+                tmp = T.alloc_buffer((V, V), "float32", scope="local")
                 for t in range(T.min(PER, NP - task * PER)):
-                    # Each weight row is read contiguously and written down a column of the panel.
-                    for j, kk in T.grid(COLS, K):
-                        panel[kk, j] = T.Cast("float32", w[(task * PER + t) * COLS + j, kk])
+                    pack(w, None, None, panel, blk, tmp, task * PER + t)
                     sweep(A, C, panel, acc, task * PER + t, m)
 
         return packed_matmul
@@ -95,9 +157,10 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
         for task in T.parallel(TASKS):
             panel = T.alloc_buffer((K, COLS), "float32")
             acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
+            blk = T.alloc_buffer((V, V), "float32", scope="local")
+            tmp = T.alloc_buffer((V, V), "float32", scope="local")
             for t in range(T.min(PER, NP - task * PER)):
-                for j, kk in T.grid(COLS, K):
-                    panel[kk, j] = element(q, s, bits, group, (task * PER + t) * COLS + j, kk)
+                pack(None, q, s, panel, blk, tmp, task * PER + t)
                 sweep(A, C, panel, acc, task * PER + t, m)
 
     return packed_q_matmul

@@ -16,7 +16,7 @@ import torch
 import qwen2c
 from conftest import write_checkpoint
 from qwen2c.bench import Plan, format_report, run_bench
-from qwen2c.bench.limits import measure_bandwidth, measure_gemm_peak
+from qwen2c.bench.limits import measure_bandwidth, measure_fma_peak, measure_gemm_peak
 from qwen2c.bench.roofline import prefill_flops
 from qwen2c.bench.runners import weight_bytes_per_token
 from qwen2c.cli import main
@@ -31,6 +31,14 @@ def test_bandwidth_kernel_reads_every_element(threads):
     # NumPy's inside measure_bandwidth, which raises on a mismatch).
     result = measure_bandwidth(threads, nbytes=4 * 3_000_017, repeats=2)
     assert result["bytes"] == 4 * 3_000_017 and result["GB_s"] >= result["median_GB_s"] > 0
+
+
+def test_fma_roof_is_measured_and_above_a_small_gemm():
+    roof = measure_fma_peak(1, iters=100_000, repeats=2)
+    assert roof["GFLOP_s"] >= roof["median_GFLOP_s"] > 0
+    # A 256^3 matmul cannot out-run the register-only multiply-adds of the same thread (2x margin
+    # for a noisy shared machine).
+    assert measure_gemm_peak(1, size=256, repeats=2)["float32"]["GFLOP_s"] < 2 * roof["GFLOP_s"]
 
 
 def test_gemm_peak_reports_both_dtypes():

@@ -304,7 +304,9 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
 def _limits(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The limits used: the best of the runs (the machine can do at least that), with each run kept."""
     return {"bandwidth_GB_s": max(r["bandwidth"]["GB_s"] for r in runs),
-            "gemm_GFLOP_s": {d: max(r["gemm"][d]["GFLOP_s"] for r in runs) for d in ("float32", "bfloat16")},
+            "gemm_GFLOP_s": {d: max(max(r["gemm"][d]["GFLOP_s"], r.get("fma", {}).get("GFLOP_s", 0)) for r in runs)
+                             for d in ("float32", "bfloat16")},
+            "fma_GFLOP_s": max((r["fma"]["GFLOP_s"] for r in runs if "fma" in r), default=None),
             "runs": runs}
 
 

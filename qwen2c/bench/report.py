@@ -49,7 +49,9 @@ def format_report(result: dict[str, Any], markdown: bool = False) -> str:
     lines = [
         f"machine: {m['cpu']} ({features}; L3 {m.get('l3', '?')}), {plan['threads']} threads for every system",
         f"limits, measured in this run: memory read {limits['bandwidth_GB_s']:.1f} GB/s (C streaming kernel); "
-        f"GEMM {limits['gemm_GFLOP_s']['float32']:.0f} GFLOP/s float32, {limits['gemm_GFLOP_s']['bfloat16']:.0f} bfloat16",
+        f"GEMM peak {limits['gemm_GFLOP_s']['float32']:.0f} GFLOP/s float32, {limits['gemm_GFLOP_s']['bfloat16']:.0f} "
+        f"bfloat16 (the higher of torch's GEMM and the C multiply-add roof"
+        + (f", {limits['fma_GFLOP_s']:.0f}" if limits.get("fma_GFLOP_s") else "") + ")",
         f"{plan['rounds']} rounds, systems interleaved; {plan['decode_steps']} decode steps per context",
         "",
         "prefill tokens/s by prompt length (% of GEMM peak, ± half the spread across rounds)",
