@@ -44,10 +44,8 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
     Half-precision inputs are widened to float32 as they are loaded (a shift for bfloat16, F16C
     for float16), so a decode step streams half the bytes and sums as exactly as torch does.
     """
-    K, N, TI, TJ, V = (T.int64(v) for v in (k, n, tile_rows, tile_cols, vector))
-    KO = T.int64(k // vector)
-    tasks, per = task_split(n // tile_cols)
-    NT, TASKS, PER = T.int64(n // tile_cols), T.int64(tasks), T.int64(per)
+    K, N = T.int64(k), T.int64(n)
+    body = nt_matmul_body(k, n, vector, tile_rows, tile_cols, dtype)
 
     @T.prim_func(private=True)
     def nt_matmul(a: T.handle, w: T.Buffer((N, K), dtype), c: T.handle):
@@ -55,6 +53,20 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
         m = T.int64()
         A = T.match_buffer(a, (T.int64(1), m, K), dtype)
         C = T.match_buffer(c, (T.int64(1), m, N), dtype)
+        body(A, w, C, m)
+
+    return nt_matmul
+
+
+def nt_matmul_body(k: int, n: int, vector: int, tile_rows: int, tile_cols: int = TILE_COLS, dtype: str = "float32"):
+    """The kernel's loop nest as a macro ``(A, w, C, m)``, for kernels that take this path for some ``m``."""
+    K, N, TI, TJ, V = (T.int64(v) for v in (k, n, tile_rows, tile_cols, vector))
+    KO = T.int64(k // vector)
+    tasks, per = task_split(n // tile_cols)
+    NT, TASKS, PER = T.int64(n // tile_cols), T.int64(tasks), T.int64(per)
+
+    @T.macro
+    def body(A, w, C, m):
         for task in T.parallel(TASKS):  # a run of column tiles each (task_split)
             acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
             total = T.alloc_buffer((1,), "float32", scope="local")
@@ -79,7 +91,7 @@ def nt_matmul_kernel(k: int, n: int, vector: int, tile_rows: int, tile_cols: int
                                 total[0] = total[0] + acc[ii, jj, v]
                             C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, total[0])
 
-    return nt_matmul
+    return body
 
 
 def tile_rows(vector: int) -> int:

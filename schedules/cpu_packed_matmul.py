@@ -20,9 +20,14 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_matmul import task_split
+from .cpu_matmul import TILE_COLS, nt_matmul_body, task_split, tile_rows
+from .cpu_qmatmul import q_matmul_kernel
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 
+# Prompts shorter than this take the unpacked kernel (cpu_matmul / cpu_qmatmul) inside the same
+# function: packing K x cols weights for a handful of rows costs more than it saves (measured on
+# two Zen 5 cores: 0.5-1.0x at 2 rows, 0.9-1.3x at 8, 1.3-1.8x at 64).
+SMALL_ROWS = 8
 ROWS = 6  # rows per tile (tunable): ROWS * COL_VECTORS accumulators plus the panel's vectors fit 32 zmm
 COL_VECTORS = 4  # panel columns, in vectors (tunable)
 
@@ -126,25 +131,31 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
                             C[T.int64(0), io * TI + ii, jp * COLS + jv * V + v] = T.Cast(dtype, acc[ii, jv, v])
 
     if quant is None:
+        small = nt_matmul_body(k, n, vector, tile_rows(vector), next(c for c in (TILE_COLS, 2, 1) if n % c == 0), dtype)
+
         @T.prim_func(private=True)
         def packed_matmul(a: T.handle, w: T.Buffer((N, K), dtype), c: T.handle):
             T.func_attr({"tirx.noalias": True})
             m = T.int64()
             A = T.match_buffer(a, (T.int64(1), m, K), dtype)
             C = T.match_buffer(c, (T.int64(1), m, N), dtype)
-            for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
-                panel = T.alloc_buffer((K, COLS), "float32")
-                acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
-                blk = T.alloc_buffer((V, V), "float32", scope="local")
-                tmp = T.alloc_buffer((V, V), "float32", scope="local")
-                for t in range(T.min(PER, NP - task * PER)):
-                    pack(w, None, None, panel, blk, tmp, task * PER + t)
-                    sweep(A, C, panel, acc, task * PER + t, m)
+            if m < T.int64(SMALL_ROWS):
+                small(A, w, C, m)
+            else:
+                for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
+                    panel = T.alloc_buffer((K, COLS), "float32")
+                    acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
+                    blk = T.alloc_buffer((V, V), "float32", scope="local")
+                    tmp = T.alloc_buffer((V, V), "float32", scope="local")
+                    for t in range(T.min(PER, NP - task * PER)):
+                        pack(w, None, None, panel, blk, tmp, task * PER + t)
+                        sweep(A, C, panel, acc, task * PER + t, m)
 
         return packed_matmul
 
     bits, group = quant
     (_, kq), (_, ng) = stored_shapes(n, k, bits, group)
+    small = q_matmul_kernel(k, n, bits, group, vector, tile_rows(vector), dtype, as_macro=True)
     KQ, NG = T.int64(kq), T.int64(ng)
 
     @T.prim_func(private=True)
@@ -154,13 +165,16 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
         m = T.int64()
         A = T.match_buffer(a, (T.int64(1), m, K), dtype)
         C = T.match_buffer(c, (T.int64(1), m, N), dtype)
-        for task in T.parallel(TASKS):
-            panel = T.alloc_buffer((K, COLS), "float32")
-            acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
-            blk = T.alloc_buffer((V, V), "float32", scope="local")
-            tmp = T.alloc_buffer((V, V), "float32", scope="local")
-            for t in range(T.min(PER, NP - task * PER)):
-                pack(None, q, s, panel, blk, tmp, task * PER + t)
-                sweep(A, C, panel, acc, task * PER + t, m)
+        if m < T.int64(SMALL_ROWS):
+            small(A, q, s, C, m)
+        else:
+            for task in T.parallel(TASKS):
+                panel = T.alloc_buffer((K, COLS), "float32")
+                acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
+                blk = T.alloc_buffer((V, V), "float32", scope="local")
+                tmp = T.alloc_buffer((V, V), "float32", scope="local")
+                for t in range(T.min(PER, NP - task * PER)):
+                    pack(None, q, s, panel, blk, tmp, task * PER + t)
+                    sweep(A, C, panel, acc, task * PER + t, m)
 
     return packed_q_matmul

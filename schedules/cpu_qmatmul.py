@@ -36,8 +36,9 @@ def default_tile_cols(n: int) -> int:
 
 
 def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_rows: int, dtype: str = "float32",
-                    tile_cols: int | None = None, unroll: int = UNROLL):
-    """A PrimFunc ``(x[1, m, k], q, scales) -> y[1, m, n]`` in ``dtype``, summed in float32.
+                    tile_cols: int | None = None, unroll: int = UNROLL, as_macro: bool = False):
+    """A PrimFunc ``(x[1, m, k], q, scales) -> y[1, m, n]`` in ``dtype``, summed in float32 (``as_macro``:
+    its loop nest as a macro ``(A, q, s, C, m)``, for kernels that take this path for some ``m``).
 
     ``k`` must be a multiple of ``group`` (and, for int4, of 32: ``WeightFormat.refusal``).
     """
@@ -75,12 +76,8 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
                     acc[ii, jj, v] = acc[ii, jj, v] + T.Cast("float32", A[
                         T.int64(0), T.min(io * TI + ii, m - T.int64(1)), g * G + sub * V + v]) * w[jj, v]
 
-    @T.prim_func(private=True)
-    def q_matmul(a: T.handle, q: T.Buffer((N, KQ), qdtype(bits)), s: T.Buffer((N, NG), "float16"), c: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        A = T.match_buffer(a, (T.int64(1), m, K), dtype)
-        C = T.match_buffer(c, (T.int64(1), m, N), dtype)
+    @T.macro
+    def body(A, q, s, C, m):
         for task in T.parallel(TASKS):  # a run of column tiles each (cpu_matmul.task_split)
             acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
             w = T.alloc_buffer((TJ, V), "float32", scope="local")
@@ -105,6 +102,17 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
                             for v in range(V):
                                 total[0] = total[0] + acc[ii, jj, v]
                             C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, total[0])
+
+    if as_macro:
+        return body
+
+    @T.prim_func(private=True)
+    def q_matmul(a: T.handle, q: T.Buffer((N, KQ), qdtype(bits)), s: T.Buffer((N, NG), "float16"), c: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        A = T.match_buffer(a, (T.int64(1), m, K), dtype)
+        C = T.match_buffer(c, (T.int64(1), m, N), dtype)
+        body(A, q, s, C, m)
 
     return q_matmul
 
