@@ -14,6 +14,7 @@ from .device_code import device_codegen
 from .launch_report import launch_report
 from .pipelines import pipeline_for, run_pipeline, surfacing_user_errors
 from .pipelines.record_weight_layout import WEIGHT_LAYOUT_ATTR
+from .vector_exp import vector_exp_lowering
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> Compiled:
         mod = run_pipeline(pipeline_for(spec), mod)
     layout = _weight_layout(mod)
     if spec.device == "cpu":
-        return Compiled(_link(mod, target), None, layout)
+        with vector_exp_lowering():  # vector_exp.py: no libm call per lane
+            return Compiled(_link(mod, target), None, layout)
     launches = launch_report(mod) if "decode" in [gv.name_hint for gv in mod.get_global_vars()] else None
     with surfacing_user_errors(), device_codegen(spec):
         return Compiled(relax.build(mod, target=target, relax_pipeline=None), launches, layout)
