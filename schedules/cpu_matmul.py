@@ -105,13 +105,6 @@ def tile_rows(vector: int) -> int:
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def packed_defaults(vector: int) -> dict[str, int]:
-    """Rows x column vectors of the packed prompt kernel: 8 x 2 accumulators in 32 zmm; 6 x 2 in 16 ymm.
-    Measured on two Zen 5 cores (m = 128 / 1024): 8x2 within 3% of the best of {4x4, 6x2, 8x2, 12x2}
-    on every qwen2-0.5b shape; 4x4 was 1.4x slower at k = 4864 (its 64-column panel leaves L2)."""
-    return {"rows": 8 if vector >= 16 else 6, "col_vectors": 2}
-
-
 def _fits(x_ty, w_ty, vector: int) -> bool:
     if x_ty.dtype not in KERNEL_DTYPES or w_ty.dtype != x_ty.dtype or x_ty.ndim != 3 or w_ty.ndim != 2:
         return False
@@ -136,8 +129,7 @@ def dispatch_cpu_matmul(vector_lanes: int) -> tvm.transform.Pass:
 
 
 def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
-    from .cpu_packed_matmul import fits as packed_fits  # it imports task_split from here
-    from .cpu_packed_matmul import packed_matmul_kernel
+    from . import cpu_packed_matmul as packed  # it imports task_split from here
 
     x, w = wildcard(), wildcard()
     transpose = is_op("relax.permute_dims")(w)
@@ -157,10 +149,10 @@ def _dispatch(mod: tvm.IRModule, vector: int) -> tvm.IRModule:
         key = (k, n, one_row, dtype)
         if key not in kernels:
             shape = {"k": k, "n": n, "rows": 1 if one_row else "m", "dtype": dtype, "vector": vector}
-            if not one_row and packed_fits(k, n, vector, packed_defaults(vector)["col_vectors"]):
-                # Prompts: outer products over a packed panel (cpu_packed_matmul.py), 1.4-3x nt_matmul.
-                func = params.kernel("packed_matmul", shape, packed_defaults(vector),
-                                     lambda rows, col_vectors: packed_matmul_kernel(
+            if not one_row and packed.fits(k, n, vector, packed.defaults(vector)["col_vectors"]):
+                # Prompts: outer products over a packed panel (cpu_packed_matmul.py), 1.3-3x nt_matmul.
+                func = params.kernel("packed_matmul", shape, packed.defaults(vector),
+                                     lambda rows, col_vectors: packed.packed_matmul_kernel(
                                          k, n, vector, rows, col_vectors, dtype=dtype))
                 kernels[key] = bb.add_func(func, f"packed_matmul_k{k}_n{n}_{dtype}")
             else:

@@ -11,8 +11,9 @@ into accumulators that never leave registers and never need a lane sum.
 
 The panel is packed once per call and reused by all ``ceil(m / rows)`` row tiles, so packing costs
 ``K * cols`` copies against ``m * K * cols`` multiply-adds: it is for prompts, not the decode step
-(m = 1), which keeps ``nt_matmul``'s single pass over the weights. Rows past ``m`` are clamped (they
-recompute the last row) and not stored.
+(m = 1), which keeps ``nt_matmul``'s single pass over the weights, and prompts under ``SMALL_ROWS``
+run the unpacked loop nest inside the same function. Rows past ``m`` are clamped (they recompute
+the last row) and not stored. int8/int4 weights are dequantized into the panel as it is packed.
 """
 
 from __future__ import annotations
@@ -28,11 +29,17 @@ from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 # function: packing K x cols weights for a handful of rows costs more than it saves (measured on
 # two Zen 5 cores: 0.5-1.0x at 2 rows, 0.9-1.3x at 8, 1.3-1.8x at 64).
 SMALL_ROWS = 8
-ROWS = 6  # rows per tile (tunable): ROWS * COL_VECTORS accumulators plus the panel's vectors fit 32 zmm
-COL_VECTORS = 4  # panel columns, in vectors (tunable)
 
 
-def fits(k: int, n: int, vector: int, col_vectors: int = COL_VECTORS) -> bool:
+def defaults(vector: int) -> dict[str, int]:
+    """Rows per tile and panel columns in vectors (both tunable, ``autotune/params.py``): 8 x 2
+    accumulators, two panel vectors and a broadcast in 32 zmm; 6 x 2 in 16 ymm. Measured on two Zen 5
+    cores (m = 128 / 1,024): 8x2 within 3% of the best of {4x4, 6x2, 8x2, 12x2} on every qwen2-0.5b
+    shape; 4x4 was 1.4x slower at k = 4864 (its 64-column panel, 1.2 MB, leaves L2)."""
+    return {"rows": 8 if vector >= 16 else 6, "col_vectors": 2}
+
+
+def fits(k: int, n: int, vector: int, col_vectors: int) -> bool:
     # Whole panels of columns; K in whole vectors (the panel is packed a square block at a time).
     return n % (col_vectors * vector) == 0 and k % vector == 0
 
@@ -45,12 +52,14 @@ def _swap_lanes(b: int, lanes: int) -> tuple[list[int], list[int]]:
     return first, second
 
 
-def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vectors: int = COL_VECTORS,
+def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, col_vectors: int | None = None,
                          dtype: str = "float32", quant: tuple[int, int] | None = None):
     """A PrimFunc ``(x[1, m, k], w[n, k]) -> y[1, m, n]`` in ``dtype``, accumulated in float32; with
     ``quant`` (bits, group), ``(x, q, scales) -> y`` over the layouts of ``qwen2c/quantization.py``,
     dequantized as the panel is packed (the panel is float32 either way: no dequantized copy of the
     weights outlives the call, and each task's is one panel)."""
+    rows = rows or defaults(vector)["rows"]
+    col_vectors = col_vectors or defaults(vector)["col_vectors"]
     cols = col_vectors * vector
     if n % cols:
         raise ValueError(f"packed_matmul: {cols} columns per panel do not divide n={n}")
@@ -130,6 +139,17 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
                         for v in T.vectorized(V):
                             C[T.int64(0), io * TI + ii, jp * COLS + jv * V + v] = T.Cast(dtype, acc[ii, jv, v])
 
+    @T.macro
+    def packed(A, w, q, s, C, m):
+        for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
+            panel = T.alloc_buffer((K, COLS), "float32")
+            acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
+            blk = T.alloc_buffer((V, V), "float32", scope="local")
+            tmp = T.alloc_buffer((V, V), "float32", scope="local")
+            for t in range(T.min(PER, NP - task * PER)):
+                pack(w, q, s, panel, blk, tmp, task * PER + t)
+                sweep(A, C, panel, acc, task * PER + t, m)
+
     if quant is None:
         small = nt_matmul_body(k, n, vector, tile_rows(vector), next(c for c in (TILE_COLS, 2, 1) if n % c == 0), dtype)
 
@@ -142,14 +162,7 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
             if m < T.int64(SMALL_ROWS):
                 small(A, w, C, m)
             else:
-                for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
-                    panel = T.alloc_buffer((K, COLS), "float32")
-                    acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
-                    blk = T.alloc_buffer((V, V), "float32", scope="local")
-                    tmp = T.alloc_buffer((V, V), "float32", scope="local")
-                    for t in range(T.min(PER, NP - task * PER)):
-                        pack(w, None, None, panel, blk, tmp, task * PER + t)
-                        sweep(A, C, panel, acc, task * PER + t, m)
+                packed(A, w, None, None, C, m)
 
         return packed_matmul
 
@@ -168,13 +181,6 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int = ROWS, col_vect
         if m < T.int64(SMALL_ROWS):
             small(A, q, s, C, m)
         else:
-            for task in T.parallel(TASKS):
-                panel = T.alloc_buffer((K, COLS), "float32")
-                acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
-                blk = T.alloc_buffer((V, V), "float32", scope="local")
-                tmp = T.alloc_buffer((V, V), "float32", scope="local")
-                for t in range(T.min(PER, NP - task * PER)):
-                    pack(None, q, s, panel, blk, tmp, task * PER + t)
-                    sweep(A, C, panel, acc, task * PER + t, m)
+            packed(A, None, q, s, C, m)
 
     return packed_q_matmul

@@ -9,7 +9,7 @@ from qwen2c.autotune import params
 from qwen2c.autotune.metaschedule import apply_tir_records
 from qwen2c.schedules import cpu_moe, cpu_norm, cpu_packed_matmul, cpu_qmatmul, cpu_vnni_gemv, dequantize
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
-from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, packed_defaults, tile_rows
+from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
 
 from ...registry import TargetSpec
 from .add_kv_cache_creation import add_kv_cache_creation
@@ -62,7 +62,7 @@ def _q_matmul(vector: int, k: int, n: int, bits: int, group: int, dtype: str, on
                              lambda tile_cols: cpu_vnni_gemv.vnni_gemv_kernel(k, n, bits, group, dtype, tile_cols))
     shape = {"k": k, "n": n, "rows": 1 if one_row else "m", "dtype": dtype, "vector": vector, "bits": bits,
              "group": group}
-    packed = packed_defaults(vector)
+    packed = cpu_packed_matmul.defaults(vector)
     if not one_row and cpu_packed_matmul.fits(k, n, vector, packed["col_vectors"]):
         # Prompts: the weights dequantized once per call into packed panels, then outer products.
         return params.kernel("packed_matmul", shape, packed, lambda rows, col_vectors: cpu_packed_matmul.packed_matmul_kernel(
