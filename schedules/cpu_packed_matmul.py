@@ -41,7 +41,7 @@ def defaults(vector: int) -> dict[str, int]:
 
 def fits(k: int, n: int, vector: int, col_vectors: int) -> bool:
     # Whole panels of columns; K in whole vectors (the panel is packed a square block at a time).
-    return n % (col_vectors * vector) == 0 and k % vector == 0
+    return vector in (2, 4, 8, 16) and n % (col_vectors * vector) == 0 and k % vector == 0
 
 
 def _swap_lanes(b: int, lanes: int) -> tuple[list[int], list[int]]:
@@ -58,6 +58,9 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
     ``quant`` (bits, group), ``(x, q, scales) -> y`` over the layouts of ``qwen2c/quantization.py``,
     dequantized as the panel is packed (the panel is float32 either way: no dequantized copy of the
     weights outlives the call, and each task's is one panel)."""
+    if vector not in (2, 4, 8, 16):  # the panel's block transpose is written out for these
+        raise ValueError(f"packed_matmul: {vector} lanes; the block transpose handles 2, 4, 8 or 16")
+    odd_stages = (vector.bit_length() - 1) % 2 == 1  # log2(V) stages, alternating blk -> tmp -> blk
     rows = rows or defaults(vector)["rows"]
     col_vectors = col_vectors or defaults(vector)["col_vectors"]
     cols = col_vectors * vector
@@ -105,7 +108,7 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
         for jb, kb in T.grid(CV, K // V):
             for r in T.unroll(V):
                 blk[r, lanes(T.int64(0))] = weight_vector(w, q, s, jp * COLS + jb * V + r, kb * V)
-            # Stages b = V/2, V/4, .., 1, alternating between the two blocks (V is 4, 8 or 16).
+            # Stages b = V/2, V/4, .., 1, alternating between the two blocks (V is 2, 4, 8 or 16).
             stage(blk, tmp, vector // 2)
             if vector >= 4:
                 stage(tmp, blk, vector // 4)
@@ -114,7 +117,7 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
             if vector >= 16:
                 stage(tmp, blk, vector // 16)
             for r in T.unroll(V):
-                if vector in (8, 2):  # an odd number of stages: the result is in tmp
+                if odd_stages:  # the result is in tmp
                     panel[kb * V + r, lanes(jb * V)] = tmp[r, lanes(T.int64(0))]
                 else:
                     panel[kb * V + r, lanes(jb * V)] = blk[r, lanes(T.int64(0))]
