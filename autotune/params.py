@@ -71,6 +71,11 @@ SPACES: dict[str, Space] = {
     # schedules/cpu_vnni_gemv.py: the decode step's quantized layers with VNNI (outputs per tile).
     "q_gemv_vnni": Space({"tile_cols": (1, 2, 4, 8)}, measurable=True,
                          valid=lambda shape, p: shape["n"] % p["tile_cols"] == 0),
+    # schedules/cpu_vnni_gemm.py: the prompt's quantized layers with VNNI (rows per tile, panel vectors):
+    # integer and float accumulators for every row and vector, the weight vectors and a broadcast in 32 zmm.
+    "q_gemm_vnni": Space({"rows": (2, 3, 4, 6), "col_vectors": (1, 2)}, measurable=True,
+                         valid=lambda shape, p: shape["n"] % (16 * p["col_vectors"]) == 0
+                         and 2 * p["rows"] * p["col_vectors"] + p["col_vectors"] + 1 <= 32),
     # schedules/cpu_moe.py: the experts' grouped matmuls (index tensors: timed through the engine).
     "moe_grouped": Space({"tile_rows": (1, 2, 4), "col_block": (4, 8, 16, 32)}),
     # schedules/cpu_decode_attention.py: most key ranges a sequence's decode attention is cut into.

@@ -20,9 +20,11 @@ quantization budget.
 
 Activations rounded to int8: llama.cpp's CPU dot products for Q8_0 and Q4_0 weights first round the
 activation row to Q8_0 (32 inputs per scale), so its column rounds the inputs of every quantized
-linear layer that way. An engine whose decode steps do the same (VNNI targets: the manifest's
-``quantization.decode_activations``) is checked against transformers rounding the same layers'
-inputs (every position here: one token per call runs the engine's decode step).
+linear layer that way. An engine whose kernels do the same (VNNI targets: the manifest's
+``quantization.decode_activations``; its ``prompts`` says whether prompts round too, as engines
+built since the VNNI prompt kernel do) is checked against transformers rounding the same layers'
+inputs: every position here (one token per call runs the engine's decode step), and the sampled
+prompt lengths of ``prompt_logits``.
 """
 
 from __future__ import annotations
@@ -208,21 +210,24 @@ def cache_rounded(model, kv_cache_dtype: str | None):
             module.apply_rotary_pos_emb = rope
 
 
-def _decode_rounding(engine, stored) -> tuple[set[str], int] | None:
-    """The layers whose decode-step inputs the engine rounds to int8, and its group (None: none)."""
+def _activation_rounding(engine, stored) -> tuple[set[str], int, bool] | None:
+    """The layers whose inputs the engine rounds to int8, the group, and whether prompts round them
+    too (else only decode steps do); None: the engine rounds none."""
     rounding = (engine.manifest.get("quantization") or {}).get("decode_activations")
     if not rounding:
         return None
-    from qwen2c.schedules.cpu_vnni_gemv import fits
+    from qwen2c.schedules.cpu_vnni_gemm import serves
 
     fmt = from_manifest(engine.manifest["quantization"])
-    layers = {name for name, (q, _) in stored.items() if q.ndim == 2 and fits(
+    layers = {name for name, (q, _) in stored.items() if q.ndim == 2 and serves(
         q.shape[-1] * (2 if fmt.bits == 4 else 1), q.shape[0], fmt.bits, fmt.group)}
-    return (layers, int(rounding["group_size"])) if layers else None  # none: every width off the kernel's chunks
+    if not layers:  # every width off the kernels' chunks
+        return None
+    return layers, int(rounding["group_size"]), bool(rounding.get("prompts"))
 
 
 def rounding_check(ours: np.ndarray, rounded: np.ndarray, unrounded: np.ndarray) -> dict[str, Any]:
-    """How far the engine's decode steps are from transformers rounding the same activations, as a
+    """How far the engine's logits (decode steps, or prompts) are from transformers rounding the same activations, as a
     fraction of how far rounding moves the logits at all (the rounded against the unrounded reference).
 
     Why not float error: rounding is a step function. A value that lands within float error of a
@@ -243,7 +248,7 @@ def rounding_check(ours: np.ndarray, rounded: np.ndarray, unrounded: np.ndarray)
 
 def prompt_logits(engine, tokens: list[int], count: int = PROMPT_CHECKS) -> dict[int, np.ndarray]:
     """The engine's logits after prompts of ``count`` lengths spread over ``tokens`` (each one prefill
-    call: the prompt kernels, float activations), keyed by the position of their last token."""
+    call: the prompt kernels), keyed by the position of their last token."""
     lengths = sorted({int(n) for n in np.linspace(2, len(tokens) - 1, count)} - {0, 1})
     return {n - 1: np.asarray(engine.session().prefill(tokens[:n]), dtype=np.float32) for n in lengths}
 
@@ -271,7 +276,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         w = p.detach().float().cpu().numpy()
         return torch.from_numpy(quants.dequantize(quants.quantize(w, gguf_type), gguf_type).reshape(w.shape))
 
-    rounded = _decode_rounding(engine, stored)
+    rounded = _activation_rounding(engine, stored)
     kv_cache = engine.manifest.get("kv_cache_dtype")
     kv_cache = kv_cache if kv_cache not in (None, dtype) else None
     # engine_logits feeds one token per call, which the engine runs through its decode step: with
@@ -280,7 +285,7 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         own = reference_logits(model, tokens)
         unrounded = own
         if rounded:
-            with activations_rounded(model, *rounded):
+            with activations_rounded(model, *rounded[:2]):
                 own = reference_logits(model, tokens)
     # llama.cpp keeps a float16 cache by default: its column rounds as ours does when ours does too.
     with weights_replaced(model, llama_cpp), cache_rounded(model, kv_cache), activations_rounded(
@@ -290,15 +295,22 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         theirs = reference_logits(model, tokens, float32=False)
 
     # The kernels against transformers on the same (dequantized) weights: float error only. Where the
-    # decode steps round activations, float error holds for the prompt kernels only (sampled prompt
-    # lengths); the decode steps get rounding_check's coarser bound.
+    # kernels round activations, rounding_check's coarser bound holds instead: for the decode steps,
+    # and for the prompts when they round too (else the prompt kernels keep float error, checked at
+    # sampled prompt lengths).
     tol = tolerance_for(dtype)  # the cache's rounding is modelled (cache_rounded), so float error holds
-    decode = None
+    decode = prompt = None
     if rounded:
         prompts = prompt_logits(engine, tokens)
-        err, _, scale = compare(np.stack(list(prompts.values())), unrounded.numpy()[list(prompts)])
-        decode = {**rounding_check(ours, own.numpy(), unrounded.numpy()), "prompt_positions": list(prompts)}
-        kernels_ok = tol.allows(err, scale) and decode["passed"]
+        at = list(prompts)
+        if rounded[2]:
+            err, _, scale = compare(np.stack(list(prompts.values())), own.numpy()[at])
+            prompt = {**rounding_check(np.stack(list(prompts.values())), own.numpy()[at], unrounded.numpy()[at]),
+                      "positions": at}
+        else:
+            err, _, scale = compare(np.stack(list(prompts.values())), unrounded.numpy()[at])
+        decode = {**rounding_check(ours, own.numpy(), unrounded.numpy()), "prompt_positions": at}
+        kernels_ok = decode["passed"] and (prompt["passed"] if prompt else tol.allows(err, scale))
     else:
         err, _, scale = compare(ours, own.numpy())
         kernels_ok = tol.allows(err, scale)
@@ -316,20 +328,21 @@ def check_quantized_parity(engine, model, fmt: WeightFormat, dtype: str,
         "llama_cpp": {"format": GGUF_TYPES[fmt.scheme], **llama_figures},
         "limits": limits.to_json(),
         "kernels": {"max_abs_err_vs_transformers_on_dequantized_weights": err, "allowed": tol.atol + tol.rtol * scale,
-                    "rounded_decode": decode, "passed": bool(kernels_ok)},
-        "failures": verdict + _kernel_failures(err, tol.atol + tol.rtol * scale, decode),
+                    "rounded_decode": decode, "rounded_prompts": prompt, "passed": bool(kernels_ok)},
+        "failures": verdict + _kernel_failures(err, tol.atol + tol.rtol * scale, decode, prompt),
         "passed": not verdict and bool(kernels_ok),
     }
 
 
-def _kernel_failures(err: float, allowed: float, decode: dict | None) -> list[str]:
+def _kernel_failures(err: float, allowed: float, decode: dict | None, prompt: dict | None) -> list[str]:
     out = []
-    if err > allowed:
+    if err > allowed and not prompt:
         out.append(f"kernel error: max abs err {err:.3e} against transformers on the engine's own dequantized weights "
                    f"(allowed {allowed:.3e}){' at prompt positions' if decode else ''}")
-    if decode and not decode["passed"]:
-        out.append(f"decode kernel error: {decode['ratio']:.2f} x what rounding activations moves the logits, away from "
-                   f"transformers rounding them (at most {decode['limit']})")
+    for what, check in (("decode", decode), ("prompt", prompt)):
+        if check and not check["passed"]:
+            out.append(f"{what} kernel error: {check['ratio']:.2f} x what rounding activations moves the logits, away "
+                       f"from transformers rounding them (at most {check['limit']})")
     return out
 
 
@@ -343,10 +356,16 @@ def format_quantized_report(r: dict[str, Any]) -> str:
         f"  {'llama.cpp ' + l['format']:22}{l['kl']:16.3e}{l['kl_max']:12.3e}{l['top1']:14.1%}",
         f"  limits: {r['limits']['text']}",
     ]
-    decode = r["kernels"].get("rounded_decode")
-    lines.append(f"  kernels vs transformers on the engine's dequantized weights{' (prompts)' if decode else ''}: max abs err "
-                 f"{r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e} "
-                 f"(allowed {r['kernels']['allowed']:.3e})")
+    decode, prompt = r["kernels"].get("rounded_decode"), r["kernels"].get("rounded_prompts")
+    if prompt:
+        lines.append(f"  prompts (activations rounded to int8, VNNI) vs transformers rounding them: max abs err "
+                     f"{r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e}, mean "
+                     f"{prompt['mean_abs_err_vs_rounded']:.3e} = {prompt['ratio']:.2f} x what rounding moves the logits "
+                     f"(at most {prompt['limit']})")
+    else:
+        lines.append(f"  kernels vs transformers on the engine's dequantized weights{' (prompts)' if decode else ''}: "
+                     f"max abs err {r['kernels']['max_abs_err_vs_transformers_on_dequantized_weights']:.3e} "
+                     f"(allowed {r['kernels']['allowed']:.3e})")
     if decode:
         lines.append(f"  decode steps (activations rounded to int8, VNNI) vs transformers rounding them: mean err "
                      f"{decode['mean_abs_err_vs_rounded']:.3e} = {decode['ratio']:.2f} x what rounding moves the logits "

@@ -200,8 +200,9 @@ def weight_formats(program, fmt: WeightFormat) -> list[WeightFormat | None]:
 def quantization_manifest(fmt: WeightFormat, program, formats: list[WeightFormat | None], source,
                           vnni: bool = False) -> dict[str, Any]:
     """The manifest's record: the scheme, what stayed in float and why, bytes per token's weights,
-    where the float reference lives (``verify`` measures the engine against it), and whether decode
-    steps round activations to int8 (``vnni``: ``schedules/cpu_vnni_gemv.py``; parity models it)."""
+    where the float reference lives (``verify`` measures the engine against it), and whether the
+    quantized layers round activations to int8 (``vnni``: ``schedules/cpu_vnni_gemv.py`` for decode
+    steps, ``cpu_vnni_gemm.py`` for prompts; parity models it)."""
     from pathlib import Path
 
     from qwen2c.graphs.export import param_names
@@ -220,10 +221,13 @@ def quantization_manifest(fmt: WeightFormat, program, formats: list[WeightFormat
             stored += int(tensor.numel() * f.bytes_per_param(tensor.shape[-1]))
     rounding = None
     if vnni:
+        from qwen2c.schedules.cpu_vnni_gemm import LANES
         from qwen2c.schedules.cpu_vnni_gemv import ACT_GROUP, chunk_inputs
 
-        rounding = {"dtype": "int8", "group_size": ACT_GROUP, "scale": "max|x| / 127", "steps": "decode",
-                    "layers": f"linear layers whose input width is a multiple of {chunk_inputs(fmt.bits)}",
-                    "kernel": "VNNI integer dot products (schedules/cpu_vnni_gemv.py)"}
+        rounding = {"dtype": "int8", "group_size": ACT_GROUP, "scale": "max|x| / 127", "steps": "decode and prompts",
+                    "prompts": True,
+                    "layers": f"linear layers whose input width is a multiple of {chunk_inputs(fmt.bits)} and "
+                              f"output width of {LANES}",
+                    "kernel": "VNNI integer dot products (schedules/cpu_vnni_gemv.py, schedules/cpu_vnni_gemm.py)"}
     return {**fmt.to_json(), "kept_float": kept, "weight_bytes": stored, "decode_activations": rounding,
             "float_reference": source.name if source.is_preset else str(Path(source.checkpoint).resolve())}

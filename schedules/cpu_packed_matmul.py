@@ -21,6 +21,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .block_transpose import LANES as TRANSPOSE_LANES
+from .block_transpose import block_transpose
 from .cpu_matmul import TILE_COLS, nt_matmul_body, task_split, tile_rows
 from .cpu_qmatmul import q_matmul_kernel
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
@@ -41,15 +43,7 @@ def defaults(vector: int) -> dict[str, int]:
 
 def fits(k: int, n: int, vector: int, col_vectors: int) -> bool:
     # Whole panels of columns; K in whole vectors (the panel is packed a square block at a time).
-    return vector in (2, 4, 8, 16) and n % (col_vectors * vector) == 0 and k % vector == 0
-
-
-def _swap_lanes(b: int, lanes: int) -> tuple[list[int], list[int]]:
-    """Indices into (row i, row i + b) concatenated giving the new rows i and i + b of one transpose
-    stage: the off-diagonal b x b blocks of every 2b x 2b block change places."""
-    first = [(lanes + l - b) if l & b else l for l in range(lanes)]
-    second = [(lanes + l) if l & b else (l + b) for l in range(lanes)]
-    return first, second
+    return vector in TRANSPOSE_LANES and n % (col_vectors * vector) == 0 and k % vector == 0
 
 
 def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, col_vectors: int | None = None,
@@ -58,9 +52,7 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
     ``quant`` (bits, group), ``(x, q, scales) -> y`` over the layouts of ``qwen2c/quantization.py``,
     dequantized as the panel is packed (the panel is float32 either way: no dequantized copy of the
     weights outlives the call, and each task's is one panel)."""
-    if vector not in (2, 4, 8, 16):  # the panel's block transpose is written out for these
-        raise ValueError(f"packed_matmul: {vector} lanes; the block transpose handles 2, 4, 8 or 16")
-    odd_stages = (vector.bit_length() - 1) % 2 == 1  # log2(V) stages, alternating blk -> tmp -> blk
+    transpose, in_tmp = block_transpose(vector)  # raises for lane counts it is not written out for
     rows = rows or defaults(vector)["rows"]
     col_vectors = col_vectors or defaults(vector)["col_vectors"]
     cols = col_vectors * vector
@@ -88,18 +80,6 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
                                tirx.Broadcast(T.int32(15), vector))
         return (T.Cast(f"float32x{vector}", nibble) - tirx.Broadcast(T.float32(8), vector)) * scale
 
-    def swapped(src, i, b: int, which: int):
-        idx = _swap_lanes(b, vector)[which]
-        return tirx.Shuffle([src[i, lanes(T.int64(0))], src[i + T.int64(b), lanes(T.int64(0))]],
-                            [tirx.IntImm("int32", x) for x in idx])
-
-    @T.macro
-    def stage(src, dst, b: int):
-        """One transpose stage over a V x V block: rows i (bit b clear) and i + b swap their off-diagonal halves."""
-        for g, t in T.grid(V // T.int64(2 * b), T.int64(b)):
-            dst[g * T.int64(2 * b) + t, lanes(T.int64(0))] = swapped(src, g * T.int64(2 * b) + t, b, 0)
-            dst[g * T.int64(2 * b) + t + T.int64(b), lanes(T.int64(0))] = swapped(src, g * T.int64(2 * b) + t, b, 1)
-
     @T.macro
     def pack(w, q, s, panel, blk, tmp, jp):
         """Panel ``jp`` (weight rows jp*COLS ..) transposed into ``panel`` [K, COLS], a V x V block at
@@ -108,16 +88,9 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
         for jb, kb in T.grid(CV, K // V):
             for r in T.unroll(V):
                 blk[r, lanes(T.int64(0))] = weight_vector(w, q, s, jp * COLS + jb * V + r, kb * V)
-            # Stages b = V/2, V/4, .., 1, alternating between the two blocks (V is 2, 4, 8 or 16).
-            stage(blk, tmp, vector // 2)
-            if vector >= 4:
-                stage(tmp, blk, vector // 4)
-            if vector >= 8:
-                stage(blk, tmp, vector // 8)
-            if vector >= 16:
-                stage(tmp, blk, vector // 16)
+            transpose(blk, T.int64(0), tmp, blk)
             for r in T.unroll(V):
-                if odd_stages:  # the result is in tmp
+                if in_tmp:
                     panel[kb * V + r, lanes(jb * V)] = tmp[r, lanes(T.int64(0))]
                 else:
                     panel[kb * V + r, lanes(jb * V)] = blk[r, lanes(T.int64(0))]

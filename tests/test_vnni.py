@@ -1,5 +1,6 @@
-"""The VNNI decode kernel for quantized weights (``schedules/cpu_vnni_gemv.py``): against NumPy doing
-the same int8 activation rounding, and engines built with it against transformers doing it too.
+"""The VNNI kernels for quantized weights (``schedules/cpu_vnni_gemv.py`` for decode steps,
+``cpu_vnni_gemm.py`` for prompts): against NumPy doing the same int8 activation rounding, and engines
+built with them against transformers doing it too.
 
 Compiling needs nothing of this CPU; running needs AVX-512 VNNI, so those tests skip elsewhere."""
 
@@ -15,6 +16,8 @@ import qwen2c
 from conftest import write_checkpoint
 from qwen2c.quant_parity import round_activations
 from qwen2c.quantization import weight_format
+from qwen2c.schedules import cpu_vnni_gemm
+from qwen2c.schedules.cpu_vnni_gemm import vnni_gemm_kernel
 from qwen2c.schedules.cpu_vnni_gemv import ACT_GROUP, fits, vnni_gemv_kernel
 from qwen2c.targets.registry import TARGETS, _cpu_flags, host_target_name
 
@@ -70,6 +73,42 @@ def test_vnni_kernel_matches_numpy_with_rounded_activations(scheme, group, k, n,
     assert 0 < np.abs(want - exact).max() < 0.05 * np.abs(exact).max()
 
 
+def test_the_prompt_kernel_fits_whole_blocks_and_rounds_the_layers_the_decode_kernel_does():
+    assert cpu_vnni_gemm.fits(896, 151936, 4, 32) and cpu_vnni_gemm.fits(4864, 896, 8, 64)
+    assert not cpu_vnni_gemm.fits(160, 64, 8, 32)  # 160 inputs: not whole 64-input blocks
+    assert not cpu_vnni_gemm.fits(128, 40, 4, 32)  # 40 outputs: not whole 16-column vectors
+    assert cpu_vnni_gemm.serves(896, 1152, 4, 32) and not cpu_vnni_gemm.serves(192, 64, 4, 32)  # int4 decode: 128s
+    assert cpu_vnni_gemm.defaults(1152)["col_vectors"] == 2 and cpu_vnni_gemm.defaults(48)["col_vectors"] == 1
+    with pytest.raises(ValueError, match="blocks"):
+        vnni_gemm_kernel(160, 64, 8, 32)
+    for bits in (8, 4):
+        assert _compile(vnni_gemm_kernel(256, 32, bits, 32)).mod.inspect_source("asm").count("vpdpbusd") >= 1
+
+
+@runs_here
+@pytest.mark.parametrize("scheme, group", [("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("m, k, n, rows, col_vectors", [(1, 64, 16, None, None), (7, 128, 64, None, None),
+                                                        (37, 384, 96, None, None), (130, 256, 48, 3, 1),
+                                                        (9, 192, 64, 6, 2)])
+def test_vnni_prompt_kernel_matches_numpy_with_rounded_activations(scheme, group, m, k, n, rows, col_vectors):
+    if k % group:
+        pytest.skip("groups do not divide the row")
+    fmt = weight_format(scheme, group)
+    torch.manual_seed(k + n + m)
+    q, scales = fmt.quantize(torch.randn(n, k) * 0.05)
+    rng = np.random.default_rng(m)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+    x[0, :ACT_GROUP] = 0  # a group of zeros: scale 0, no division by it
+    x[-1, ACT_GROUP + 3] = 60.0  # an outlier sets its group's scale
+    lib = _compile(vnni_gemm_kernel(k, n, fmt.bits, group, rows=rows, col_vectors=col_vectors))
+    out = tvm.runtime.tensor(np.full((1, m, n), 7, np.float32))
+    lib["main"](tvm.runtime.tensor(x.reshape(1, m, k)), tvm.runtime.tensor(q), tvm.runtime.tensor(scales), out)
+    want = _numpy_reference(x, fmt, q, scales)
+    np.testing.assert_allclose(out.numpy().reshape(m, n), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    exact = x.astype(np.float64) @ fmt.dequantize(q, scales).double().numpy().T
+    assert 0 < np.abs(want - exact).max() < 0.05 * np.abs(exact).max()  # it does round
+
+
 @runs_here
 def test_vnni_kernel_in_bfloat16():
     fmt = weight_format("int4", 32)
@@ -94,7 +133,7 @@ def test_a_vnni_cpu_builds_for_the_vnni_target():
 
 @runs_here
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_vnni_engine_rounds_decode_activations_and_matches_transformers_doing_so(tmp_path, scheme):
+def test_vnni_engine_rounds_activations_and_matches_transformers_doing_so(tmp_path, scheme):
     # Widths that fit the kernel (128 hidden, 256 intermediate: whole int4 chunks) and a vocabulary
     # projection through it too (tied embeddings).
     ckpt = write_checkpoint(tmp_path / "ckpt", seed=5, hidden_size=128, intermediate_size=256,
@@ -105,18 +144,17 @@ def test_vnni_engine_rounds_decode_activations_and_matches_transformers_doing_so
     manifest = qwen2c.build(str(ckpt), "llvm-avx512-vnni", out, max_context=96, quantize=scheme,
                             kv_cache_dtype="float32")
     rounding = manifest["quantization"]["decode_activations"]
-    assert rounding["dtype"] == "int8" and rounding["group_size"] == ACT_GROUP
+    assert rounding["dtype"] == "int8" and rounding["group_size"] == ACT_GROUP and rounding["prompts"]
     kernels = {k["kernel"] for k in manifest["tuning"]["kernels"]}
     assert "q_gemv_vnni" in kernels  # the decode steps' layers
-    assert "packed_matmul" in kernels  # the prompts' (float activations, weights dequantized into packed panels)
+    assert "q_gemm_vnni" in kernels and "packed_matmul" not in kernels  # the prompts' (the same rounding)
     parity = manifest["parity"]
     assert parity["passed"], parity["failures"]
-    # The decode steps against transformers rounding the same layers' inputs: float error only.
     kernels = parity["kernels"]
-    assert kernels["passed"] and kernels["max_abs_err_vs_transformers_on_dequantized_weights"] < 1e-4  # prompts
-    # Two layers: few flipped roundings cascade, so the decode steps are far closer to transformers
-    # rounding the same activations than rounding moves the logits.
-    assert kernels["rounded_decode"]["ratio"] < 0.3
+    assert kernels["passed"]
+    # Two layers: few flipped roundings cascade, so the decode steps and the prompts are far closer to
+    # transformers rounding the same activations than rounding moves the logits.
+    assert kernels["rounded_decode"]["ratio"] < 0.3 and kernels["rounded_prompts"]["ratio"] < 0.3
     assert json.loads((out / "manifest.json").read_text())["quantization"]["decode_activations"] == rounding
 
 

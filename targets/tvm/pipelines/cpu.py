@@ -7,7 +7,8 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from qwen2c.autotune import params
 from qwen2c.autotune.metaschedule import apply_tir_records
-from qwen2c.schedules import cpu_moe, cpu_norm, cpu_packed_matmul, cpu_qmatmul, cpu_vnni_gemv, dequantize
+from qwen2c.schedules import (cpu_moe, cpu_norm, cpu_packed_matmul, cpu_qmatmul, cpu_vnni_gemm, cpu_vnni_gemv,
+                              dequantize)
 from qwen2c.schedules.cpu_injective import schedule_cpu_injective
 from qwen2c.schedules.cpu_matmul import dispatch_cpu_matmul, tile_rows
 
@@ -23,7 +24,8 @@ from .use_cpu_attention_kernels import use_cpu_attention_kernels
 def kernels(vector: int, vnni: bool = False) -> dict:
     """The CPU kernels for qwen2c's abstract calls: ``name -> make(inputs, outputs, *statics)``.
 
-    ``vnni``: the target has AVX-512 VNNI, so quantized decode steps use integer dot products.
+    ``vnni``: the target has AVX-512 VNNI, so quantized layers use integer dot products (decode steps
+    and prompts, with activations rounded to int8).
 
     Kernels with tunable parameters ask ``autotune/params.py`` for them (a tuning record, else the
     defaults written here)."""
@@ -56,10 +58,15 @@ def kernels(vector: int, vnni: bool = False) -> dict:
 
 
 def _q_matmul(vector: int, k: int, n: int, bits: int, group: int, dtype: str, one_row: bool, vnni: bool):
-    if one_row and vnni and cpu_vnni_gemv.fits(k, n, bits, group):
-        shape = {"k": k, "n": n, "rows": 1, "dtype": dtype, "bits": bits, "group": group}
-        return params.kernel("q_gemv_vnni", shape, {"tile_cols": cpu_vnni_gemv.default_tile_cols(n)},
-                             lambda tile_cols: cpu_vnni_gemv.vnni_gemv_kernel(k, n, bits, group, dtype, tile_cols))
+    if vnni and cpu_vnni_gemm.serves(k, n, bits, group):
+        if one_row:
+            shape = {"k": k, "n": n, "rows": 1, "dtype": dtype, "bits": bits, "group": group}
+            return params.kernel("q_gemv_vnni", shape, {"tile_cols": cpu_vnni_gemv.default_tile_cols(n)},
+                                 lambda tile_cols: cpu_vnni_gemv.vnni_gemv_kernel(k, n, bits, group, dtype, tile_cols))
+        # Prompts: weights packed to VNNI order per panel, 64 products per instruction (~3x the float panel).
+        shape = {"k": k, "n": n, "rows": "m", "dtype": dtype, "bits": bits, "group": group}
+        return params.kernel("q_gemm_vnni", shape, cpu_vnni_gemm.defaults(n), lambda rows, col_vectors: (
+            cpu_vnni_gemm.vnni_gemm_kernel(k, n, bits, group, dtype, rows, col_vectors)))
     shape = {"k": k, "n": n, "rows": 1 if one_row else "m", "dtype": dtype, "vector": vector, "bits": bits,
              "group": group}
     packed = cpu_packed_matmul.defaults(vector)
@@ -96,7 +103,7 @@ def _one_row(ty) -> bool:
 
 
 def uses_vnni(spec: TargetSpec) -> bool:
-    """Whether quantized decode steps on ``spec`` round activations to int8 for VNNI dot products."""
+    """Whether quantized layers on ``spec`` round activations to int8 for VNNI dot products."""
     return spec.device == "cpu" and "avx512_vnni" in spec.cpu_features
 
 
