@@ -16,7 +16,7 @@ import torch
 import qwen2c
 from conftest import write_checkpoint
 from qwen2c.bench import Plan, format_report, run_bench
-from qwen2c.bench.limits import measure_bandwidth, measure_fma_peak, measure_gemm_peak
+from qwen2c.bench.limits import measure_bandwidth, measure_fma_peak, measure_gemm_peak, measure_int8_dot_peak
 from qwen2c.bench.roofline import prefill_flops
 from qwen2c.bench.runners import weight_bytes_per_token
 from qwen2c.cli import main
@@ -39,6 +39,18 @@ def test_fma_roof_is_measured_and_above_a_small_gemm():
     # A 256^3 matmul cannot out-run the register-only multiply-adds of the same thread (2x margin
     # for a noisy shared machine).
     assert measure_gemm_peak(1, size=256, repeats=2)["float32"]["GFLOP_s"] < 2 * roof["GFLOP_s"]
+
+
+def test_int8_roof_is_measured_where_vnni_is_and_above_the_float_roof():
+    from qwen2c.targets.registry import _cpu_flags
+
+    roof = measure_int8_dot_peak(1, iters=100_000, repeats=2)
+    if not {"avx512_vnni", "avx512bw"} <= _cpu_flags():
+        assert roof is None
+        return
+    assert roof["GOP_s"] >= roof["median_GOP_s"] > 0
+    # 64 multiply-adds per instruction against 16: at least twice the float roof (noisy machine).
+    assert roof["GOP_s"] > 2 * measure_fma_peak(1, iters=100_000, repeats=2)["GFLOP_s"]
 
 
 def test_gemm_peak_reports_both_dtypes():

@@ -264,7 +264,7 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
                    peak_rss_bytes=raw.get("peak_rss_bytes"), errors=raw["errors"])
         if info.get("build_s") is not None and s.prepare_s is None:
             row["prepare_s"], row["prepare_what"] = info["build_s"], "engine build (from its manifest)"
-        peak = limits["gemm_GFLOP_s"]["float32" if s.bits == 32 else "bfloat16"] if limits else None
+        peak = _peak(limits, s.bits)
         row["prefill"] = {}
         # A decode measurement's prompt is a timed prefill too: a context not among the prefill
         # lengths adds a point to the prefill curve for free (marked "from_decode").
@@ -301,12 +301,24 @@ def summarize(systems: list[System], measured: dict[str, Any], config: dict[str,
             "seconds": measured["seconds"], "memory_groups": measured["groups"]}
 
 
+def _peak(limits: dict[str, Any] | None, bits: int) -> float | None:
+    """The arithmetic roof of a system's prefill: 8- and 4-bit systems round activations to int8 for
+    integer dot products where the machine has them (qwen2c's VNNI kernels, llama.cpp's Q8_0/Q4_0),
+    so the int8 roof; others the float GEMM roof of their dtype."""
+    if not limits:
+        return None
+    if bits <= 8 and limits.get("int8_GOP_s"):
+        return limits["int8_GOP_s"]
+    return limits["gemm_GFLOP_s"]["float32" if bits == 32 else "bfloat16"]
+
+
 def _limits(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The limits used: the best of the runs (the machine can do at least that), with each run kept."""
     return {"bandwidth_GB_s": max(r["bandwidth"]["GB_s"] for r in runs),
             "gemm_GFLOP_s": {d: max(max(r["gemm"][d]["GFLOP_s"], r.get("fma", {}).get("GFLOP_s", 0)) for r in runs)
                              for d in ("float32", "bfloat16")},
             "fma_GFLOP_s": max((r["fma"]["GFLOP_s"] for r in runs if "fma" in r), default=None),
+            "int8_GOP_s": max((r["int8_dot"]["GOP_s"] for r in runs if r.get("int8_dot")), default=None),
             "runs": runs}
 
 

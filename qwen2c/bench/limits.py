@@ -114,13 +114,54 @@ double fma_peak(int threads, long iters, float *sink) {
 }
 """
 
+# The int8 roof: register-only vpdpbusd (64 multiply-adds each), what VNNI prompt kernels (qwen2c's,
+# llama.cpp's Q8_0/Q4_0) are bound by. Without AVX-512 VNNI it reports -1 (no roof measured).
+_DOT_C = r"""
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+/* Inline assembly: with an array of accumulators GCC copies every one between registers each
+   iteration (and spills two), which halved what it measured. */
+#define DOT(r) __asm__ volatile("vpdpbusd %1, %2, %0" : "+v"(r) : "v"(b), "v"(a))
+static void *dot_run(void *arg) {
+    fjob_t *j = (fjob_t *)arg;
+    __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+    __m512i r0 = _mm512_set1_epi32(0), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0,
+            r8 = r0, r9 = r0, r10 = r0, r11 = r0, r12 = r0, r13 = r0, r14 = r0, r15 = r0;
+    for (long i = 0; i < j->iters; i++) {
+        DOT(r0); DOT(r1); DOT(r2); DOT(r3); DOT(r4); DOT(r5); DOT(r6); DOT(r7);
+        DOT(r8); DOT(r9); DOT(r10); DOT(r11); DOT(r12); DOT(r13); DOT(r14); DOT(r15);
+    }
+    __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(r0, r1), _mm512_add_epi32(r2, r3)),
+                                 _mm512_add_epi32(_mm512_add_epi32(r4, r5), _mm512_add_epi32(r6, r7)));
+    s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(r8, r9), _mm512_add_epi32(r10, r11)),
+                                             _mm512_add_epi32(_mm512_add_epi32(r12, r13), _mm512_add_epi32(r14, r15))));
+    j->out = (float)_mm512_reduce_add_epi32(s);
+    return 0;
+}
+double dot_peak(int threads, long iters, float *sink) {
+    pthread_t t[256]; fjob_t jobs[256];
+    if (threads > 256) threads = 256;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < threads; i++) { jobs[i].iters = iters; pthread_create(&t[i], 0, dot_run, &jobs[i]); }
+    float s = 0;
+    for (int i = 0; i < threads; i++) { pthread_join(t[i], 0); s += jobs[i].out; }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    *sink = s;
+    return (b.tv_sec - a.tv_sec) + 1e-9 * (b.tv_nsec - a.tv_nsec);
+}
+#else
+double dot_peak(int threads, long iters, float *sink) { (void)threads; (void)iters; *sink = 0; return -1; }
+#endif
+"""
+
 STREAM_BYTES = 1 << 30  # 32x this machine's L3 and far above any cache seen on these machines
 GEMM_SIZE = 2048
 
 
 def _compile_stream(folder: Path) -> ctypes.CDLL:
     source, library = folder / "stream.c", folder / "stream.so"
-    source.write_text(_STREAM_C + _FMA_C)
+    source.write_text(_STREAM_C + _FMA_C + _DOT_C)
     cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros",
            "-fno-trapping-math", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread",
            str(source), "-o", str(library)]
@@ -135,7 +176,8 @@ def _compile_stream(folder: Path) -> ctypes.CDLL:
     lib.stream_fill.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     lib.stream_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
     lib.fma_peak.restype = ctypes.c_double
-    lib.fma_peak.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.POINTER(ctypes.c_float)]
+    lib.fma_peak.argtypes = lib.dot_peak.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.POINTER(ctypes.c_float)]
+    lib.dot_peak.restype = ctypes.c_double
     return lib
 
 
@@ -191,9 +233,23 @@ def measure_fma_peak(threads: int, iters: int = 2_000_000, repeats: int = 5) -> 
             "threads": threads, "kernel": "C register-only float32 multiply-adds, -O3 -march=native, pthreads"}
 
 
+def measure_int8_dot_peak(threads: int, iters: int = 2_000_000, repeats: int = 5) -> dict[str, Any] | None:
+    """int8 multiply-adds per second (as 2 ops each) of register-only VNNI dot products: the roof of
+    8- and 4-bit prompts, which round activations to int8; None without AVX-512 VNNI."""
+    with tempfile.TemporaryDirectory(prefix="qwen2c-dot-") as tmp:
+        lib = _compile_stream(Path(tmp))
+        sink = ctypes.c_float()
+        if lib.dot_peak(threads, iters // 10, ctypes.byref(sink)) < 0:  # also the warm-up
+            return None
+        times = [lib.dot_peak(threads, iters, ctypes.byref(sink)) for _ in range(repeats)]
+    ops = 2 * 64 * 16 * iters * threads
+    return {"GOP_s": ops / min(times) / 1e9, "median_GOP_s": ops / statistics.median(times) / 1e9,
+            "threads": threads, "kernel": "C register-only vpdpbusd, -O3 -march=native, pthreads"}
+
+
 def measure_limits(threads: int) -> dict[str, Any]:
     return {"bandwidth": measure_bandwidth(threads), "gemm": measure_gemm_peak(threads),
-            "fma": measure_fma_peak(threads)}
+            "fma": measure_fma_peak(threads), "int8_dot": measure_int8_dot_peak(threads)}
 
 
 def machine() -> dict[str, Any]:

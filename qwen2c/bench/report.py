@@ -51,7 +51,9 @@ def format_report(result: dict[str, Any], markdown: bool = False) -> str:
         f"limits, measured in this run: memory read {limits['bandwidth_GB_s']:.1f} GB/s (C streaming kernel); "
         f"GEMM peak {limits['gemm_GFLOP_s']['float32']:.0f} GFLOP/s float32, {limits['gemm_GFLOP_s']['bfloat16']:.0f} "
         f"bfloat16 (the higher of torch's GEMM and the C multiply-add roof"
-        + (f", {limits['fma_GFLOP_s']:.0f}" if limits.get("fma_GFLOP_s") else "") + ")",
+        + (f", {limits['fma_GFLOP_s']:.0f}" if limits.get("fma_GFLOP_s") else "") + ")"
+        + (f"; int8 dot products {limits['int8_GOP_s']:.0f} GOP/s (VNNI, the roof of 8- and 4-bit prefill)"
+           if limits.get("int8_GOP_s") else ""),
         f"{plan['rounds']} rounds, systems interleaved; {plan['decode_steps']} decode steps per context",
         "",
         "prefill tokens/s by prompt length (% of GEMM peak, ± half the spread across rounds)",
