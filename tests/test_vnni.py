@@ -86,13 +86,12 @@ def test_the_prompt_kernel_fits_whole_blocks_and_rounds_the_layers_the_decode_ke
 
 
 @runs_here
-@pytest.mark.parametrize("scheme, group", [("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)])
-@pytest.mark.parametrize("m, k, n, rows, col_vectors", [(1, 64, 16, None, None), (7, 128, 64, None, None),
-                                                        (37, 384, 96, None, None), (130, 256, 48, 3, 1),
-                                                        (9, 192, 64, 6, 2)])
+@pytest.mark.parametrize("scheme, group, m, k, n, rows, col_vectors", [
+    ("int8", 32, 1, 64, 16, None, None), ("int4", 64, 1, 128, 32, None, None),  # one row: a clamped tile
+    ("int8", 64, 7, 128, 64, None, None), ("int4", 32, 37, 384, 96, None, None),  # rows past the last tile
+    ("int4", 64, 130, 256, 48, 3, 1), ("int8", 32, 9, 192, 64, 6, 2),  # other tiles; 3 x 64-input blocks
+])
 def test_vnni_prompt_kernel_matches_numpy_with_rounded_activations(scheme, group, m, k, n, rows, col_vectors):
-    if k % group:
-        pytest.skip("groups do not divide the row")
     fmt = weight_format(scheme, group)
     torch.manual_seed(k + n + m)
     q, scales = fmt.quantize(torch.randn(n, k) * 0.05)
