@@ -100,18 +100,21 @@ static void *fma_run(void *arg) {
     return 0;
 }
 
-double fma_peak(int threads, long iters, float *sink) {
+/* Seconds for `threads` threads each running `run` for `iters` iterations; their results summed to *sink. */
+static double timed_jobs(void *(*run)(void *), int threads, long iters, float *sink) {
     pthread_t t[256]; fjob_t jobs[256];
     if (threads > 256) threads = 256;
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int i = 0; i < threads; i++) { jobs[i].iters = iters; pthread_create(&t[i], 0, fma_run, &jobs[i]); }
+    for (int i = 0; i < threads; i++) { jobs[i].iters = iters; pthread_create(&t[i], 0, run, &jobs[i]); }
     float s = 0;
     for (int i = 0; i < threads; i++) { pthread_join(t[i], 0); s += jobs[i].out; }
     clock_gettime(CLOCK_MONOTONIC, &b);
     *sink = s;
     return (b.tv_sec - a.tv_sec) + 1e-9 * (b.tv_nsec - a.tv_nsec);
 }
+
+double fma_peak(int threads, long iters, float *sink) { return timed_jobs(fma_run, threads, iters, sink); }
 """
 
 # The int8 roof: register-only vpdpbusd (64 multiply-adds each), what VNNI prompt kernels (qwen2c's,
@@ -138,18 +141,7 @@ static void *dot_run(void *arg) {
     j->out = (float)_mm512_reduce_add_epi32(s);
     return 0;
 }
-double dot_peak(int threads, long iters, float *sink) {
-    pthread_t t[256]; fjob_t jobs[256];
-    if (threads > 256) threads = 256;
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int i = 0; i < threads; i++) { jobs[i].iters = iters; pthread_create(&t[i], 0, dot_run, &jobs[i]); }
-    float s = 0;
-    for (int i = 0; i < threads; i++) { pthread_join(t[i], 0); s += jobs[i].out; }
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    *sink = s;
-    return (b.tv_sec - a.tv_sec) + 1e-9 * (b.tv_nsec - a.tv_nsec);
-}
+double dot_peak(int threads, long iters, float *sink) { return timed_jobs(dot_run, threads, iters, sink); }
 #else
 double dot_peak(int threads, long iters, float *sink) { (void)threads; (void)iters; *sink = 0; return -1; }
 #endif
