@@ -170,7 +170,8 @@ def test_bench_cli_rejects_bad_arguments(tiny_engine, tmp_path, capsys, argv, me
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("llama_cpp", "sentencepiece")),
+                    reason="llama-cpp-python or sentencepiece (its converter imports it) is not installed")
 def test_llama_cpp_peer_runs_the_same_weights(tmp_path):
     """llama.cpp on GGUFs made by its own converter from the engine's weights (qwen2-tiny: the real
     vocabulary, which the converter's tokenizer check needs)."""
@@ -206,3 +207,16 @@ def test_torch_compile_peer_continues_like_eager(tiny_engine):
         tokens.append(runner.feed(list(range(3, 15))))
         runs.append(tokens)
     assert runs[0] == runs[1] and runs[0][0] == runs[0][-1]
+
+
+def test_llama_cpp_converter_without_sentencepiece_is_named_not_a_traceback(tmp_path, monkeypatch):
+    import importlib.util as util
+
+    from qwen2c.bench import gguf_peer
+    from qwen2c.errors import BackendUnavailableError
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a, **k: None if name == "sentencepiece" else real(name, *a, **k))
+    with pytest.raises(BackendUnavailableError, match="pip install sentencepiece"):
+        gguf_peer.find_converter(tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing fetched

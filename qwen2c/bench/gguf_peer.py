@@ -41,6 +41,13 @@ def llama_cpp_version() -> str | None:
 def find_converter(cache: Path) -> Path:
     """The folder holding ``convert_hf_to_gguf.py``, the ``conversion/`` package it imports (its
     per-architecture code) and ``gguf-py/``."""
+    import importlib.util
+
+    # The converter imports sentencepiece for Qwen2 too (it tries a SentencePiece vocabulary before the
+    # BPE one), so without it every conversion fails with a traceback; say so before trying.
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise BackendUnavailableError("llama.cpp's converter needs sentencepiece, which is not installed "
+                                      "(pip install sentencepiece, or pip install 'qwen2c[bench]').")
     if os.environ.get(ENV_SOURCE):
         folder = Path(os.environ[ENV_SOURCE])
         if not (folder / "convert_hf_to_gguf.py").is_file() or not (folder / "gguf-py").is_dir():
