@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import math
 
-from tvm import tirx
 from tvm.script import tirx as T
 
 from .cpu_moe import lanes_for
+from .lanes import lane_sum
 
 DECODE = "batch_decode_paged_kv_cpu"
 DECODE_SLIDING = "batch_decode_paged_kv_cpu_sliding_window"
@@ -60,26 +60,6 @@ def fast_exp2(x):
     for c in reversed(_EXP2_POLY[:-1]):
         p = p * f + T.float32(c)
     return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-
-
-def lane_reduce(vector, lanes: int, combine):
-    """``combine`` (an associative binary op) over the lanes of a ``lanes``-wide vector expression:
-    the halves combined log2(lanes) times.
-
-    Written as shuffles of one value rather than as vectorized loops over a local buffer: LLVM turned
-    the buffer form into an element-by-element extract and insert (about 40 instructions per score,
-    the decode kernel's largest cost at long contexts); this is an extract and an op per halving."""
-    while lanes > 1:
-        half = lanes // 2
-        vector = combine(tirx.Shuffle([vector], [tirx.IntImm("int32", i) for i in range(half)]),
-                         tirx.Shuffle([vector], [tirx.IntImm("int32", i) for i in range(half, lanes)]))
-        lanes = half
-    return vector
-
-
-def lane_sum(vector, lanes: int):
-    """The sum of a ``lanes``-wide vector expression (``lane_reduce``)."""
-    return lane_reduce(vector, lanes, lambda a, b: a + b)
 
 
 def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_size: int,

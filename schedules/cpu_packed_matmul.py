@@ -21,11 +21,11 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .block_transpose import LANES as TRANSPOSE_LANES
-from .block_transpose import block_transpose
 from .cpu_matmul import TILE_COLS, nt_matmul_body, task_split, tile_rows
 from .cpu_qmatmul import q_matmul_kernel
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
+from .lanes import LANES as TRANSPOSE_LANES
+from .lanes import block_transpose
 
 # Prompts shorter than this take the unpacked kernel (cpu_matmul / cpu_qmatmul) inside the same
 # function: packing K x cols weights for a handful of rows costs more than it saves (measured on
@@ -88,7 +88,7 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
         for jb, kb in T.grid(CV, K // V):
             for r in T.unroll(V):
                 blk[r, lanes(T.int64(0))] = weight_vector(w, q, s, jp * COLS + jb * V + r, kb * V)
-            transpose(blk, T.int64(0), tmp, blk)
+            transpose(blk, tmp)
             for r in T.unroll(V):
                 if in_tmp:
                     panel[kb * V + r, lanes(jb * V)] = tmp[r, lanes(T.int64(0))]

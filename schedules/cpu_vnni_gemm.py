@@ -14,7 +14,7 @@ llama.cpp's Q8_0/Q4_0 prompt path and oneDNN's int8 GEMMs do:
   64-byte load holds 4 inputs of 16 columns. ``vpdpbusd`` multiplies unsigned bytes by signed
   ones: the weights take the unsigned side (int8 + 128 with one XOR; int4 nibbles are stored as
   w + 8 already) and a broadcast dword of 4 activations the signed side. The panel is packed with
-  the block transpose (``block_transpose.py``) on dwords: a column's 64 bytes are 16 dwords.
+  the block transpose (``lanes.block_transpose``) on dwords: a column's 64 bytes are 16 dwords.
 - **The sweep**: every ``rows``-row tile of the prompt over the panel. Per 32-input span, integer
   accumulators start at the row's offset correction, take 8 ``vpdpbusd`` per column vector, then
   are converted and added to float accumulators with ``x_scale[row, span] * w_scale[col, span]``
@@ -28,12 +28,11 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .block_transpose import block_transpose
-from .cpu_decode_attention import lane_reduce
-from .cpu_matmul import task_split
 from . import cpu_vnni_gemv
-from .cpu_vnni_gemv import ACT_GROUP, VPDPBUSD
+from .cpu_matmul import task_split
+from .cpu_vnni_gemv import ACT_GROUP, dpbusd
 from .dequantize import qdtype, stored_shapes
+from .lanes import block_transpose, lane_reduce, lane_sum
 
 LANES = 16  # int32 lanes of one vpdpbusd (and float32 lanes of the accumulators)
 SPAN = ACT_GROUP  # inputs per integer accumulation: one activation scale
@@ -59,12 +58,6 @@ def serves(k: int, n: int, bits: int, group: int) -> bool:
     return cpu_vnni_gemv.fits(k, n, bits, group) and fits(k, n, bits, group)
 
 
-def _dot(acc, unsigned, signed):
-    """acc + per lane the sum of 4 unsigned-by-signed byte products (dword operands)."""
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, T.reinterpret("uint8x64", unsigned),
-                                   T.reinterpret("int8x64", signed), dtype="int32x16")
-
-
 def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", rows: int | None = None,
                      col_vectors: int | None = None):
     """A PrimFunc ``(x[1, m, k], q, scales) -> y[1, m, n]`` in ``dtype``; requires ``fits``."""
@@ -84,6 +77,10 @@ def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
 
     def lanes(start, width=LANES):
         return tirx.Ramp(start, T.int64(1), width)
+
+    def clamped_row(io, ii, m):
+        """Row ``ii`` of row tile ``io``, clamped to the last (rows past it are computed, not stored)."""
+        return T.min(io * TI + ii, m - T.int64(1))
 
     def column_dwords(q, col, kb):
         """Inputs ``kb*PAIR ..`` of weight row ``col`` as 16 dwords of unsigned bytes, dword i holding
@@ -105,7 +102,7 @@ def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         for jb, kb in T.grid(CV, K // T.int64(PAIR)):
             for r in T.unroll(LANES):
                 blk[r, lanes(T.int64(0))] = column_dwords(q, jp * COLS + jb * L + r, kb)
-            transpose(blk, T.int64(0), tmp, blk)
+            transpose(blk, tmp)
             for r in T.unroll(LANES):
                 if in_tmp:
                     panel[kb * T.int64(PAIR // 4) + r, lanes(jb * L)] = tmp[r, lanes(T.int64(0))]
@@ -124,19 +121,20 @@ def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
             for sp in range(NSP):
                 for ii in T.unroll(TI):
                     for jv in T.unroll(CV):
-                        iacc[ii, jv, lanes(T.int64(0))] = T.broadcast(negc[T.min(io * TI + ii, m - T.int64(1)), sp], LANES)
+                        iacc[ii, jv, lanes(T.int64(0))] = T.broadcast(negc[clamped_row(io, ii, m), sp], LANES)
                 for qd in T.unroll(T.int64(SPAN // 4)):
                     for ii in T.unroll(TI):
                         for jv in T.unroll(CV):
-                            iacc[ii, jv, lanes(T.int64(0))] = _dot(
-                                iacc[ii, jv, lanes(T.int64(0))], panel[sp * T.int64(SPAN // 4) + qd, lanes(jv * L)],
-                                T.broadcast(T.reinterpret("int32", xq[T.min(io * TI + ii, m - T.int64(1)), lanes(
-                                    sp * T.int64(SPAN) + qd * T.int64(4), 4)]), LANES))
+                            iacc[ii, jv, lanes(T.int64(0))] = dpbusd(
+                                iacc[ii, jv, lanes(T.int64(0))],
+                                T.reinterpret("uint8x64", panel[sp * T.int64(SPAN // 4) + qd, lanes(jv * L)]),
+                                T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", xq[clamped_row(io, ii, m), lanes(
+                                    sp * T.int64(SPAN) + qd * T.int64(4), 4)]), LANES)))
                 for ii in T.unroll(TI):
                     for jv in T.unroll(CV):
                         facc[ii, jv, lanes(T.int64(0))] = facc[ii, jv, lanes(T.int64(0))] + T.Cast(
                             "float32x16", iacc[ii, jv, lanes(T.int64(0))]) * (wscale[sp, lanes(jv * L)] * T.broadcast(
-                                xd[T.min(io * TI + ii, m - T.int64(1)), sp], LANES))
+                                xd[clamped_row(io, ii, m), sp], LANES))
             for ii in range(TI):
                 if io * TI + ii < m:
                     for jv in range(CV):
@@ -163,8 +161,8 @@ def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
                 for i in T.vectorized(SPAN):
                     xq[row, sp * T.int64(SPAN) + i] = T.Cast("int8", T.round(
                         T.Cast("float32", A[T.int64(0), row, sp * T.int64(SPAN) + i]) * amax[0]))
-                negc[row, sp] = lane_reduce(T.Cast(f"int32x{SPAN}", xq[row, lanes(sp * T.int64(SPAN), SPAN)]), SPAN,
-                                            lambda a, b: a + b) * T.int32(-offset)
+                negc[row, sp] = lane_sum(T.Cast(f"int32x{SPAN}", xq[row, lanes(sp * T.int64(SPAN), SPAN)]),
+                                         SPAN) * T.int32(-offset)
         for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
             panel = T.alloc_buffer((NQ, COLS), "int32")
             wscale = T.alloc_buffer((NSP, COLS), "float32")

@@ -73,7 +73,8 @@ def _spread(vec, width: int, index: list[int]):
     return tirx.Shuffle([vec] * (len(index) // width), [tirx.IntImm("int32", i) for i in index])
 
 
-def _dot(acc, unsigned_bytes, signed_bytes):
+def dpbusd(acc, unsigned_bytes, signed_bytes):
+    """acc + per int32 lane the sum of 4 unsigned-by-signed byte products (``vpdpbusd``)."""
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, unsigned_bytes, signed_bytes,
                                    dtype="int32x16")
 
@@ -120,7 +121,7 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         """int32 lanes: the chunk's integer products, starting from the offset correction."""
         acc = negc[T.ramp(c * L, T.int64(1), LANES)]
         for part, w in enumerate(weights(q, row, c)):
-            acc = _dot(acc, w, xq[T.ramp(c * CI + T.int64(part) * B, T.int64(1), CHUNK_BYTES)])
+            acc = dpbusd(acc, w, xq[T.ramp(c * CI + T.int64(part) * B, T.int64(1), CHUNK_BYTES)])
         return acc
 
     def lane_scales(s, row, c):
