@@ -53,9 +53,9 @@ def _attend(kv_heads: int, q_heads: int, head_dim: int, vector: int, paged: bool
 
     @T.macro
     def attend(q, row, h, first, visible, kv_base, keys, values, page_values, page_size, output, lse, sm_scale):
-        acc = T.alloc_buffer((head_dim,), "float32", scope="local")
-        dot = T.alloc_buffer((V,), "float32", scope="local")
-        state = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, score, rescale
+        acc = T.alloc_buffer((head_dim,), "float32")
+        dot = T.alloc_buffer((V,), "float32")
+        state = T.alloc_buffer((4,), "float32")  # max, denominator, score, rescale
         for d in T.vectorized(head_dim):
             acc[d] = T.float32(0)
         state[0] = T.float32(EMPTY_MAX)

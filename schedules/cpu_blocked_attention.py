@@ -73,15 +73,15 @@ def blocked_ragged_prefill_kernel(kv_heads: int, q_heads: int, head_dim: int, ve
         assert rotary_mode == 0, "qwen2c's prefill attention expects q and k rotated before attention"
         for b in range(batch_size):
             for task in T.parallel(HKV * ((q_indptr[b + 1] - q_indptr[b] + QB - 1) // QB)):
-                qs = T.alloc_buffer((R, head_dim), "float32", scope="local")
-                acc = T.alloc_buffer((R, head_dim), "float32", scope="local")
-                kt = T.alloc_buffer((head_dim, KB), "float32", scope="local")
-                s = T.alloc_buffer((KB,), "float32", scope="local")
-                red = T.alloc_buffer((KB,), "float32", scope="local")
-                md = T.alloc_buffer((R, 2), "float32", scope="local")  # max, denominator
-                st = T.alloc_buffer((2,), "float32", scope="local")  # tile max, rescale
+                qs = T.alloc_buffer((R, head_dim), "float32")
+                acc = T.alloc_buffer((R, head_dim), "float32")
+                kt = T.alloc_buffer((head_dim, KB), "float32")
+                s = T.alloc_buffer((KB,), "float32")
+                red = T.alloc_buffer((KB,), "float32")
+                md = T.alloc_buffer((R, 2), "float32")  # max, denominator
+                st = T.alloc_buffer((2,), "float32")  # tile max, rescale
                 # queries in block, first query, keys the block's last query sees, keys before the chunk
-                n = T.alloc_buffer((4,), "int32", scope="local")
+                n = T.alloc_buffer((4,), "int32")
                 kvh = task // ((q_indptr[b + 1] - q_indptr[b] + QB - 1) // QB)
                 n[1] = task % ((q_indptr[b + 1] - q_indptr[b] + QB - 1) // QB) * QB
                 n[0] = T.min(QB, q_indptr[b + 1] - q_indptr[b] - n[1])

@@ -21,6 +21,8 @@ from tvm.script import tirx as T
 
 from qwen2c.autotune import params
 
+from .lanes import buffer_lane_sum
+
 TILE_COLS = 4  # the default; autotune/params.py may choose another per shape
 MAX_TASKS = 256  # parallel tasks per call: enough to balance many cores, few enough to set up cheaply
 
@@ -68,8 +70,7 @@ def nt_matmul_body(k: int, n: int, vector: int, tile_rows: int, tile_cols: int =
     @T.macro
     def body(A, w, C, m):
         for task in T.parallel(TASKS):  # a run of column tiles each (task_split)
-            acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
-            total = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((TI, TJ, V), "float32")
             for t, io in T.grid(T.min(PER, NT - task * PER), (m + TI - T.int64(1)) // TI):
                 jo = task * PER + t
                 for ii in T.unroll(TI):
@@ -86,10 +87,7 @@ def nt_matmul_body(k: int, n: int, vector: int, tile_rows: int, tile_cols: int =
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            total[0] = T.float32(0)
-                            for v in range(V):
-                                total[0] = total[0] + acc[ii, jj, v]
-                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, total[0])
+                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, buffer_lane_sum(acc, (ii, jj), vector))
 
     return body
 

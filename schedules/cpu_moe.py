@@ -212,8 +212,8 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
 
     @T.macro
     def tile(nrows, first, jo, e, x, w, s, rows, out):
-        acc = T.alloc_buffer((nrows, TJ, V), "float32", scope="local")
-        acc_up = T.alloc_buffer((nrows, TJ, V), "float32", scope="local")
+        acc = T.alloc_buffer((nrows, TJ, V), "float32")
+        acc_up = T.alloc_buffer((nrows, TJ, V), "float32")
         for ii in T.unroll(nrows):
             for jj in T.unroll(TJ):
                 for v in T.vectorized(V):
@@ -237,7 +237,7 @@ def _grouped_kernel(experts: int, k_dim: int, n_out: int, vector: int, tile_rows
                                     w, s, e, N + jo * TJ + jj, ko * V + v)
         for ii in range(nrows):
             for jj in range(TJ):
-                sums = T.alloc_buffer((2,), "float32", scope="local")
+                sums = T.alloc_buffer((2,), "float32")
                 sums[0] = T.float32(0)
                 sums[1] = T.float32(0)
                 for v in range(V):
@@ -307,7 +307,7 @@ def combine_kernel(hidden: int, top_k: int, vector: int, dtype: str = "float32")
         out = T.match_buffer(c, (t, H), dtype)
         for n in T.parallel(t):
             for ho in range(H // V):
-                acc = T.alloc_buffer((V,), "float32", scope="local")
+                acc = T.alloc_buffer((V,), "float32")
                 for v in T.vectorized(V):
                     acc[v] = T.float32(0)
                 for j in range(K):

@@ -25,8 +25,8 @@ def rms_norm_kernel(hidden: int, eps: float, dtype: str, vector: int):
         x = T.match_buffer(a, (rows, H), dtype)
         out = T.match_buffer(c, (rows, H), dtype)
         for r in T.parallel(rows):
-            acc = T.alloc_buffer((V,), "float32", scope="local")
-            scale = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((V,), "float32")
+            scale = T.alloc_buffer((1,), "float32")
             for v in T.vectorized(V):
                 acc[v] = T.float32(0)
             for ko in range(H // V):

@@ -119,9 +119,9 @@ def packed_matmul_kernel(k: int, n: int, vector: int, rows: int | None = None, c
     def packed(A, w, q, s, C, m):
         for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
             panel = T.alloc_buffer((K, COLS), "float32")
-            acc = T.alloc_buffer((TI, CV, V), "float32", scope="local")
-            blk = T.alloc_buffer((V, V), "float32", scope="local")
-            tmp = T.alloc_buffer((V, V), "float32", scope="local")
+            acc = T.alloc_buffer((TI, CV, V), "float32")
+            blk = T.alloc_buffer((V, V), "float32")
+            tmp = T.alloc_buffer((V, V), "float32")
             for t in range(T.min(PER, NP - task * PER)):
                 pack(w, q, s, panel, blk, tmp, task * PER + t)
                 sweep(A, C, panel, acc, task * PER + t, m)

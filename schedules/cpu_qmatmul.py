@@ -17,6 +17,7 @@ from tvm.script import tirx as T
 
 from .cpu_matmul import TILE_COLS, task_split
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
+from .lanes import buffer_lane_sum
 
 # Defaults (autotune/params.py may choose others per shape): vectors per group unrolled up to this
 # many (a per-channel int8 "group" is a whole row: a loop).
@@ -79,9 +80,8 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
     @T.macro
     def body(A, q, s, C, m):
         for task in T.parallel(TASKS):  # a run of column tiles each (cpu_matmul.task_split)
-            acc = T.alloc_buffer((TI, TJ, V), "float32", scope="local")
-            w = T.alloc_buffer((TJ, V), "float32", scope="local")
-            total = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((TI, TJ, V), "float32")
+            w = T.alloc_buffer((TJ, V), "float32")
             for t, io in T.grid(T.min(PER, NT - task * PER), (m + TI - T.int64(1)) // TI):
                 jo = task * PER + t
                 for ii in T.unroll(TI):
@@ -98,10 +98,7 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            total[0] = T.float32(0)
-                            for v in range(V):
-                                total[0] = total[0] + acc[ii, jj, v]
-                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, total[0])
+                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, buffer_lane_sum(acc, (ii, jj), v_lanes))
 
     if as_macro:
         return body

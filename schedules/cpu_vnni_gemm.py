@@ -152,7 +152,7 @@ def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         negc = T.alloc_buffer((m, NSP), "int32")
         # Activations: each 32-input span to int8 with scale max|x| / 127 (Q8_0's, as cpu_vnni_gemv rounds).
         for row in T.parallel(m):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32")
             for sp in range(NSP):
                 amax[0] = lane_reduce(T.fabs(T.Cast(f"float32x{SPAN}", A[T.int64(0), row, lanes(sp * T.int64(SPAN), SPAN)])),
                                       SPAN, T.max)
@@ -166,10 +166,10 @@ def vnni_gemm_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         for task in T.parallel(TASKS):  # a run of panels each (cpu_matmul.task_split)
             panel = T.alloc_buffer((NQ, COLS), "int32")
             wscale = T.alloc_buffer((NSP, COLS), "float32")
-            iacc = T.alloc_buffer((TI, CV, L), "int32", scope="local")
-            facc = T.alloc_buffer((TI, CV, L), "float32", scope="local")
-            blk = T.alloc_buffer((L, L), "int32", scope="local")
-            tmp = T.alloc_buffer((L, L), "int32", scope="local")
+            iacc = T.alloc_buffer((TI, CV, L), "int32")
+            facc = T.alloc_buffer((TI, CV, L), "float32")
+            blk = T.alloc_buffer((L, L), "int32")
+            tmp = T.alloc_buffer((L, L), "int32")
             for t in range(T.min(PER, NP - task * PER)):
                 pack(q, s, panel, wscale, blk, tmp, task * PER + t)
                 sweep(xq, xd, negc, C, panel, wscale, iacc, facc, task * PER + t, m)

@@ -36,6 +36,7 @@ from tvm.script import tirx as T
 
 from .cpu_matmul import task_split
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
+from .lanes import lane_sum
 
 ACT_GROUP = 32  # activations per int8 scale: llama.cpp's Q8_0 block
 CHUNK_BYTES = 64  # one 512-bit load of weight bytes
@@ -138,12 +139,12 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         xdl = T.alloc_buffer((NC * L,), "float32")
         # Prologue 1: each group of 32 activations to int8 with scale max|x| / 127 (Q8_0's rounding).
         for g in range(NAG):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32")
             amax[0] = T.float32(0)
             for i in range(AG):
                 amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", A[T.int64(0), T.int64(0), g * AG + i])))
             xd[g] = amax[0] / T.float32(127)
-            inv = T.alloc_buffer((1,), "float32", scope="local")
+            inv = T.alloc_buffer((1,), "float32")
             inv[0] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
             for i in T.vectorized(AG):
                 xq[xq_pos(g * AG + i)] = T.Cast("int8", T.round(
@@ -151,7 +152,7 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         # Prologue 2: per chunk and lane, the offset correction and the activation scale.
         for c in range(NC):
             for l in range(L):
-                total = T.alloc_buffer((1,), "int32", scope="local")
+                total = T.alloc_buffer((1,), "int32")
                 total[0] = 0
                 for b in range(T.int64(4)):
                     total[0] = total[0] + T.Cast("int32", xq[c * CI + l * T.int64(4) + b])
@@ -163,8 +164,7 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         # The weight stream: TJ outputs per tile, one 64-byte chunk of each per step; each parallel task takes
         # a run of tiles (cpu_matmul.task_split).
         for task in T.parallel(TASKS):
-            acc = T.alloc_buffer((TJ * L,), "float32", scope="local")
-            total = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((TJ * L,), "float32")
             for tile in range(task * PER, T.min(task * PER + PER, NT)):  # see cpu_matmul.task_split
                 for jj in T.unroll(TJ):
                     acc[T.ramp(jj * L, T.int64(1), LANES)] = T.broadcast(T.float32(0), LANES)
@@ -174,9 +174,7 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
                             "float32x16", chunk_dot(q, xq, negc, tile * TJ + jj, c)) * lane_scales(
                             s, tile * TJ + jj, c) * xdl[T.ramp(c * L, T.int64(1), LANES)]
                 for jj in range(TJ):
-                    total[0] = T.float32(0)
-                    for l in range(L):
-                        total[0] = total[0] + acc[jj * L + l]
-                    C[T.int64(0), T.int64(0), tile * TJ + jj] = T.Cast(dtype, total[0])
+                    C[T.int64(0), T.int64(0), tile * TJ + jj] = T.Cast(
+                        dtype, lane_sum(acc[T.ramp(jj * L, T.int64(1), LANES)], LANES))
 
     return vnni_gemv

@@ -79,3 +79,11 @@ def lane_reduce(vector, lanes: int, combine):
 def lane_sum(vector, lanes: int):
     """The sum of a ``lanes``-wide vector expression (``lane_reduce``)."""
     return lane_reduce(vector, lanes, lambda a, b: a + b)
+
+
+def buffer_lane_sum(buf, prefix: tuple, lanes: int):
+    """The sum of ``buf[*prefix, 0:lanes]`` (a power of two of lanes; one is a plain load): a vector
+    accumulator's total as ``lane_sum`` does it, not ``lanes`` dependent scalar adds."""
+    if lanes == 1:
+        return buf[(*prefix, T.int64(0))]
+    return lane_sum(buf[(*prefix, T.ramp(T.int64(0), T.int64(1), lanes))], lanes)
