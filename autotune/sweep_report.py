@@ -64,13 +64,13 @@ def _row(r: dict[str, Any], knobs: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"point": r["point"], **{k: r["knobs"].get(k) for k in knobs}, "error": r.get("error", "")}
     for c, v in r.get("decode", {}).items():
         row[f"decode_ms_per_token@{c}"] = f"{v['ms_per_token']:.4f}"
-        row[f"decode_ratio@{c}"] = f"{v['ratio']:.4f}"
+        row[f"decode_ratio@{c}"] = f"{v['ratio']:.4g}"
     for n, v in r.get("prefill", {}).items():
         row[f"prefill_tok_s@{n}"] = f"{v['tok_s']:.2f}"
-        row[f"prefill_ratio@{n}"] = f"{v['ratio']:.4f}"
+        row[f"prefill_ratio@{n}"] = f"{v['ratio']:.4g}"
     for k in ("decode_ratio", "prefill_ratio"):
         if r.get(k) is not None:
-            row[k] = f"{r[k]:.4f}"
+            row[k] = f"{r[k]:.4g}"  # 4 significant digits: a point 100x slower keeps its precision
     if r.get("build_s") is not None:
         row["build_s"] = f"{r['build_s']:.1f}"
     return row
