@@ -81,6 +81,22 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
             return (pages - 1) * PAGE + length_info[0, b] - length_info[1, b] + length_info[2, b]
         return (pages - 1) * PAGE + length_info[b]
 
+    def seq_rows(length_info, page_indptr, b):
+        """Keys sequence ``b`` attends (0 for one with no pages)."""
+        return T.if_then_else(page_indptr[b + 1] == page_indptr[b], 0,
+                              chunk_len(length_info, b, page_indptr[b + 1] - page_indptr[b]))
+
+    def tiles_of(rows):
+        return (rows + TILE - 1) // TILE
+
+    def tiles_per_range(tiles):
+        """Ranges of whole tiles: as many as there are tiles, at most SPLITS."""
+        return (tiles + NS - 1) // NS
+
+    def ranges_used(tiles):
+        """Ranges holding keys (one for no keys: task 0 writes the empty partial)."""
+        return T.if_then_else(tiles == 0, 1, (tiles + tiles_per_range(tiles) - 1) // tiles_per_range(tiles))
+
     def seq_offset(length_info, b, row):
         if sliding_window:
             return T.if_then_else(row < length_info[2, b], row, row - length_info[2, b] + length_info[1, b])
@@ -193,13 +209,10 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
             span = T.alloc_buffer((5,), "int32")  # rows, tiles per range, first tile, end tile, row
             b = task // NS
             split = task % NS
-            span[0] = T.if_then_else(page_indptr[b + 1] == page_indptr[b], 0,
-                                     chunk_len(length_info, b, page_indptr[b + 1] - page_indptr[b]))
-            # Ranges of whole tiles: as many as there are tiles, at most SPLITS.
-            span[1] = (span[0] + TILE - 1) // TILE
-            span[1] = (span[1] + NS - 1) // NS
+            span[0] = seq_rows(length_info, page_indptr, b)
+            span[1] = tiles_per_range(tiles_of(span[0]))
             span[2] = split * span[1]
-            span[3] = T.min(span[2] + span[1], (span[0] + TILE - 1) // TILE)
+            span[3] = T.min(span[2] + span[1], tiles_of(span[0]))
             # A short context fills only the first ranges: the others do nothing, and the merge reads
             # only the ranges used (task 0 always runs, so an empty sequence still gets its output).
             if split == 0 or span[2] < span[3]:
@@ -214,9 +227,8 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
             b = task // HQ
             first = b * NS
             g = task % HQ
-            used[0] = T.if_then_else(page_indptr[b + 1] == page_indptr[b], 0, (
-                chunk_len(length_info, b, page_indptr[b + 1] - page_indptr[b]) + TILE - 1) // TILE)
-            used[1] = T.if_then_else(used[0] == 0, 1, (used[0] + (used[0] + NS - 1) // NS - 1) // ((used[0] + NS - 1) // NS))
+            used[0] = tiles_of(seq_rows(length_info, page_indptr, b))
+            used[1] = ranges_used(used[0])
             st[0] = T.float32(EMPTY_MAX)
             for r in range(used[1]):
                 st[0] = T.max(st[0], part_md[first + r, g, 0])

@@ -87,7 +87,8 @@ def nt_matmul_body(k: int, n: int, vector: int, tile_rows: int, tile_cols: int =
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, buffer_lane_sum(acc, (ii, jj), vector))
+                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(
+                                dtype, buffer_lane_sum(acc, (ii, jj), vector))
 
     return body
 

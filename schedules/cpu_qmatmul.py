@@ -98,7 +98,8 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
                 for ii in range(TI):
                     if io * TI + ii < m:
                         for jj in range(TJ):
-                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(dtype, buffer_lane_sum(acc, (ii, jj), v_lanes))
+                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(
+                                dtype, buffer_lane_sum(acc, (ii, jj), v_lanes))
 
     if as_macro:
         return body
