@@ -36,12 +36,15 @@ def _reference(q, k, v, scale):
     return out, lse
 
 
-def _paged(rng, seqs, hkv, d, dtype=np.float32):
-    """A page pool holding each sequence's k/v rows in scattered pages; returns pool, indptr, values, last_len."""
+def _paged(rng, seqs, hkv, d, dtype=np.float32, free=None):
+    """A page pool holding each sequence's k/v rows in scattered pages; returns pool, indptr, values, last_len.
+    Slots no sequence uses hold random numbers, or ``free`` where given."""
     used = [-(-len(k) // PAGE) for k, _ in seqs]
     total = sum(used) + 3
     order = rng.permutation(total)
     pool = rng.standard_normal((total, 2, hkv, PAGE, d)).astype(dtype)
+    if free is not None:
+        pool[:] = free
     indptr, values, last, at = [0], [], [], 0
     for (k, v), n in zip(seqs, used):
         mine = order[at:at + n]
@@ -55,12 +58,12 @@ def _paged(rng, seqs, hkv, d, dtype=np.float32):
     return pool, indptr, values or [0], last
 
 
-def _run(q, pool, indptr, values, length_info, hkv, sliding=False, dtype="float32"):
+def _run(q, pool, indptr, values, length_info, hkv, sliding=False, dtype="float32", lanes=LANES):
     b, hq, d = q.shape
     i32 = lambda a: tvm.runtime.tensor(np.array(a, np.int32))  # noqa: E731
     out = tvm.runtime.tensor(np.full((b, hq, d), 7, q.dtype))
     lse = tvm.runtime.tensor(np.zeros((b, hq), np.float32))
-    _compile(decode_kernel(hkv, hq, d, LANES, PAGE, dtype=dtype, sliding_window=sliding))(
+    _compile(decode_kernel(hkv, hq, d, lanes, PAGE, dtype=dtype, sliding_window=sliding))(
         tvm.runtime.tensor(q), tvm.runtime.tensor(pool), i32(indptr), i32(values), i32(length_info),
         i32([0] * b), i32([0] * b), out, lse, 0, 1.0, 1e6, 0.3)
     return out.numpy(), lse.numpy()
@@ -74,6 +77,39 @@ def test_decode_matches_numpy(m, hkv, hq, d):
     k = rng.standard_normal((m, hkv, d), dtype=np.float32)
     v = rng.standard_normal((m, hkv, d), dtype=np.float32)
     pool, indptr, values, last = _paged(rng, [(k, v)], hkv, d)
+    out, lse = _run(q, pool, indptr, values, last, hkv)
+    want, want_lse = _reference(q[0], k, v, 0.3)
+    np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(lse[0], want_lse, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("lanes", sorted({8, LANES}))
+@pytest.mark.parametrize("m, hkv, hq, d", [(100, 2, 14, 64), (301, 1, 18, 128), (40, 4, 4, 32)])
+def test_groups_head_dims_and_vector_widths(m, hkv, hq, d, lanes):
+    """Groups wider than a chunk of score registers (18 query heads per kv head: 8 + 8 + 2), one query
+    head per kv head, head_dim 128, and 8-lane (AVX2) as well as the target's vectors."""
+    rng = np.random.default_rng(m + hq + lanes)
+    q = rng.standard_normal((1, hq, d), dtype=np.float32)
+    k = rng.standard_normal((m, hkv, d), dtype=np.float32)
+    v = rng.standard_normal((m, hkv, d), dtype=np.float32)
+    pool, indptr, values, last = _paged(rng, [(k, v)], hkv, d)
+    out, lse = _run(q, pool, indptr, values, last, hkv, lanes=lanes)
+    want, want_lse = _reference(q[0], k, v, 0.3)
+    np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(lse[0], want_lse, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [3, 16, 21, 250])
+@pytest.mark.parametrize("free", [np.nan, np.inf])
+def test_free_slots_of_the_last_page_never_reach_the_output(m, free):
+    """A page's slots past the sequence's end hold whatever an earlier sequence left, NaN included:
+    the tile kernel reads whole pages, so those keys must get no weight and those values no product."""
+    hkv, hq, d = 2, 14, 64
+    rng = np.random.default_rng(m)
+    q = rng.standard_normal((1, hq, d), dtype=np.float32)
+    k = rng.standard_normal((m, hkv, d), dtype=np.float32)
+    v = rng.standard_normal((m, hkv, d), dtype=np.float32)
+    pool, indptr, values, last = _paged(rng, [(k, v)], hkv, d, free=free)
     out, lse = _run(q, pool, indptr, values, last, hkv)
     want, want_lse = _reference(q[0], k, v, 0.3)
     np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=2e-5)
