@@ -26,11 +26,16 @@ units, float32 inside) and is organised for memory speed:
   - ``attend_keys`` (sliding windows, odd page sizes) goes key by key: a score is a vector product
     over head_dim summed across lanes.
 
+  While it reads a tile, ``attend_tile`` asks for the next tile's lines, one row at a time: the
+  tile's arithmetic otherwise waited for the cache (from DRAM it took the time in cache plus the
+  time to read, no overlap). Prefetching the whole next page at once was worse than none (on one
+  thread, 7.5 against 5.0 ms).
+
   Measured at 4,000 tokens (qwen2-0.5b geometry, float16 cache, 24 layers, 2 threads, AMD Zen 5),
-  ``attend_tile`` against ``attend_keys``: 1.67 against 2.51 ms with the cache in L2/L3, 2.79
-  against 3.42 ms with it in DRAM. Two variants measured worse and were left out: software
-  prefetch of the next page (cold 5.0 against 7.5 ms on one thread) and the tile's key loop
-  unrolled (the front end, not the FMA units, then held it: 4.6 against 3.7 ms).
+  ``attend_tile`` against ``attend_keys``: 1.86 against 2.51 ms with the cache in L2/L3, 2.23
+  against 3.42 ms with it in DRAM (as a decode step finds it); 1.62 and 2.71 without the prefetch.
+  Unrolling the value loop over keys was slower (front-end bound: 4.6 against 3.7 ms on one
+  thread), and so were 32-key tiles (3.9 against 2.6 ms from DRAM).
 * phase 2, serial over (sequence, query head): the partials are merged by their log-sum-exp.
 
 A context shorter than ``SPLITS`` tiles uses one range per tile: the tasks past them return at once
@@ -97,6 +102,8 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
     tiled = not sliding_window and page_size % TILE == 0 and TILE % V == 0 and V in LANES
     transpose, in_tmp = block_transpose(V) if tiled else (None, False)
     GC = min(group, GROUP_CHUNK)
+    PER_LINE = 64 // (2 if dtype in ("float16", "bfloat16") else 4)  # cache elements per 64-byte line
+    LINES = max(1, head_dim // PER_LINE)  # lines per cached row
     PVH = max(1, (16 if V == 16 else 8) // DO)  # heads whose value accumulators stay in registers together
     zero64 = T.int64(0)
 
@@ -228,6 +235,15 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
                                                                  * vt[kvh, j, d])
 
     @T.macro
+    def prefetch_row(pages, pv, kv, kvh, j):
+        """Row ``j`` of the next tile's keys (kv 0) or values (kv 1), into L1 (llvm.prefetch: read,
+        locality 3, data)."""
+        for line in range(LINES):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                          T.address_of(pages[pv[2], kv, kvh, pv[3] + j, line * PER_LINE]),
+                                          T.uint32(0), T.uint32(3), T.uint32(1)))
+
+    @T.macro
     def attend_tile(b, tile, span, sv, md, acc, qs, pages, page_indptr, page_values, kt, vt, blk, tmp, pv):
         """One tile of TILE consecutive slots of one page: keys transposed into ``kt`` [kv head,
         head_dim, TILE], values converted into ``vt`` [kv head, TILE, head_dim], then
@@ -236,11 +252,17 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
         span[4] = T.min(TILE, span[0] - (span[2] + tile) * TILE)  # rows of the tile in the sequence
         pv[0] = page_values[page_indptr[b] + (span[2] + tile) * TILE // PAGE]
         pv[1] = (span[2] + tile) * TILE % PAGE
+        # The next tile's page and first slot (this tile's, for the last one), prefetched row by row
+        # below, interleaved with this tile's loads.
+        pv[2] = page_values[page_indptr[b] + T.min(span[2] + tile + 1, span[3] - 1) * TILE // PAGE]
+        pv[3] = T.min(span[2] + tile + 1, span[3] - 1) * TILE % PAGE
         # All kv heads' keys, then all their values: the page is read in address order.
         for kvh in range(kv_heads):
             for jb in range(TILE // V):
                 for db in range(DO):
                     for r in range(V):
+                        if db == 0:
+                            prefetch_row(pages, pv, 0, kvh, jb * V + r)
                         blk[T.int64(r), T.ramp(zero64, T.int64(1), V)] = T.Cast(
                             f"float32x{V}", pages[pv[0], 0, kvh, pv[1] + jb * V + r, T.ramp(db * V, 1, V)])
                     transpose(blk, tmp)
@@ -249,6 +271,7 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
                             T.int64(r), T.ramp(zero64, T.int64(1), V)]
         for kvh in range(kv_heads):
             for j in range(TILE):
+                prefetch_row(pages, pv, 1, kvh, j)
                 for d in T.vectorized(head_dim):
                     vt[kvh, j, d] = T.if_then_else(j < span[4], T.Cast("float32", pages[pv[0], 1, kvh, pv[1] + j, d]),
                                                    T.float32(0))
@@ -272,7 +295,7 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
             vt = T.alloc_buffer((kv_heads, TILE, head_dim), "float32")
             blk = T.alloc_buffer((V, V), "float32")
             tmp = T.alloc_buffer((V, V), "float32")
-            pv = T.alloc_buffer((2,), "int32")  # page, first slot
+            pv = T.alloc_buffer((4,), "int32")  # page, first slot
             sv = T.alloc_buffer((GC, TILE), "float32")
             for tile in range(span[3] - span[2]):
                 attend_tile(b, tile, span, sv, md, acc, qs, pages, page_indptr, page_values, kt, vt, blk, tmp, pv)

@@ -83,11 +83,11 @@ def test_decode_matches_numpy(m, hkv, hq, d):
     np.testing.assert_allclose(lse[0], want_lse, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("lanes", sorted({8, LANES}))
+@pytest.mark.parametrize("lanes", sorted({4, 8, LANES}))
 @pytest.mark.parametrize("m, hkv, hq, d", [(100, 2, 14, 64), (301, 1, 18, 128), (40, 4, 4, 32)])
 def test_groups_head_dims_and_vector_widths(m, hkv, hq, d, lanes):
     """Groups wider than a chunk of score registers (18 query heads per kv head: 8 + 8 + 2), one query
-    head per kv head, head_dim 128, and 8-lane (AVX2) as well as the target's vectors."""
+    head per kv head, head_dim 128, and 4- (NEON) and 8-lane (AVX2) vectors as well as the target's."""
     rng = np.random.default_rng(m + hq + lanes)
     q = rng.standard_normal((1, hq, d), dtype=np.float32)
     k = rng.standard_normal((m, hkv, d), dtype=np.float32)
