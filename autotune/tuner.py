@@ -34,10 +34,15 @@ PREFILL_BUCKETS = (32, 128, 512)
 MIN_REPEAT_SECONDS = 0.02  # a timed repeat runs the kernel at least this long (a decode matmul takes ~50 µs)
 REPEATS = 5
 # A decode step finds its weights in memory, not in cache (the model's weights are read once per step,
-# far more than the last-level cache holds): decode kernels are timed one cold call at a time, with
-# every input but the activations flushed from the caches first. Timed hot, a 1 MB weight stays in
-# L3 and the tile choice that wins there lost 2x in the engine (int4 vocabulary projection, VNNI).
-COLD_REPEATS = 15
+# far more than the last-level cache holds): decode kernels are timed one call at a time over copies of
+# their inputs (all but the activations) that together hold twice the last-level cache, each call on the
+# next copy, as a decode step streams one layer after another. Timed hot, a 1 MB weight stays in L3 and
+# the tile choice that wins there lost 2x in the engine (int4 vocabulary projection, VNNI). Flushing the
+# one copy before each call (TVM's cache_flush_cpu_non_first_arg) was not cold enough either: it picked
+# 4 output rows per tile for int4 4864x896, 1.35x slower than 1 when streamed (and the decode step 4-13%
+# slower, engines paired in one process), likely because a flush leaves the page translations cached.
+COLD_REPEATS = 15  # timed calls at least (a rotation over fewer copies goes round again)
+COLD_DEFAULT_CACHE = 512 << 20  # bytes assumed for the last-level cache where sysfs does not say
 
 
 @dataclass
@@ -254,13 +259,42 @@ class _Measurer:
         tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
         lib["main"](*tensors)
         if cold:  # see COLD_REPEATS
-            timer = lib.time_evaluator("main", dev, number=1, repeat=COLD_REPEATS, min_repeat_ms=0,
-                                       f_preproc="cache_flush_cpu_non_first_arg")
-        else:
-            timer = lib.time_evaluator("main", dev, number=1, repeat=REPEATS,
-                                       min_repeat_ms=int(MIN_REPEAT_SECONDS * 1e3))
+            return _time_streamed(lib["main"], arrays, tensors, dev), [tensors[-1].numpy()]
+        timer = lib.time_evaluator("main", dev, number=1, repeat=REPEATS, min_repeat_ms=int(MIN_REPEAT_SECONDS * 1e3))
         seconds = float(np.median(timer(*tensors).results))
         return seconds, [tensors[-1].numpy()]
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of cpu0 as sysfs gives it ("32768K"), or COLD_DEFAULT_CACHE."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes, default=COLD_DEFAULT_CACHE)
+
+
+def _time_streamed(func, arrays: list[np.ndarray], tensors: list, dev) -> float:
+    """Median seconds of one call, each call on the next of enough copies of the inputs after the first
+    (the activations) and before the last (the output) that none is still in cache when it comes round."""
+    import tvm
+
+    weights = sum(a.nbytes for a in arrays[1:-1]) or 1
+    copies = max(1, min(-(-2 * last_level_cache_bytes() // weights), 4096))
+    sets = [tensors] + [[tensors[0], *(tvm.runtime.tensor(a, dev) for a in arrays[1:-1]), tensors[-1]]
+                        for _ in range(copies - 1)]
+    for args in sets:  # every copy touched once: its pages mapped, and the caches left full of others
+        func(*args)
+    times = []
+    for i in range(max(COLD_REPEATS, copies)):
+        args = sets[(i + 1) % copies]
+        start = time.perf_counter()
+        func(*args)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _inputs(func, rows: int) -> list[np.ndarray]:
