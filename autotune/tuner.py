@@ -265,10 +265,10 @@ class _Measurer:
         return seconds, [tensors[-1].numpy()]
 
 
-def last_level_cache_bytes() -> int:
+def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     """The largest CPU cache of cpu0 as sysfs gives it ("32768K"), or COLD_DEFAULT_CACHE."""
     sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+    for index in caches.glob("index*"):
         try:
             text = (index / "size").read_text().strip().upper()
             sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))

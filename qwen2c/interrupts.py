@@ -13,17 +13,29 @@ Interrupts are also deferred (recorded, raised when the block ends) while heavy 
 imported (``deferred``): a KeyboardInterrupt inside a C++ extension's initialisation (torch, TVM)
 was seen to abort the process (SIGABRT) instead of raising. Only the first Ctrl-C raises; later
 ones are recorded, so the cleanup after the first is not itself interrupted.
+
+A KeyboardInterrupt raised while Python runs a finaliser (an object's ``__del__``, a weakref or gc
+callback) cannot propagate: Python prints it as "Exception ignored in ..." with a traceback and
+drops it. Such an interrupt is caught by ``sys.unraisablehook`` here, printed as nothing, and
+delivered again (``_thread.interrupt_main`` from a helper thread), so it raises in the main thread
+once the finaliser has returned, where the build stops cleanly.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
+import sys
 import threading
+import time
+
+REDELIVER_AFTER_S = 0.005
 
 # Process-wide, as signal handlers are: whether a Ctrl-C has raised already, how many blocks defer
 # interrupts, and whether one arrived while they did.
-_state = {"raised": False, "deferring": 0, "pending": False}
+# ``exc`` is the KeyboardInterrupt the handler raised last, so the unraisable hook knows its own.
+_state = {"raised": False, "deferring": 0, "pending": False, "exc": None}
 _guards: list["InterruptGuard"] = []
 
 
@@ -35,10 +47,44 @@ def _handler(signum=None, frame=None):
         _state["pending"] = True
     elif not _state["raised"]:
         _state["raised"] = True
-        raise KeyboardInterrupt
+        _state["exc"] = exc = KeyboardInterrupt()
+        raise exc
+
+
+def _unraisable(hook_args, previous) -> None:
+    """The handler's KeyboardInterrupt, dropped because it was raised inside a finaliser: raise it
+    again where it can propagate (the handler runs anew at the next bytecode of the main thread)."""
+    if hook_args.exc_value is not None and hook_args.exc_value is _state["exc"]:
+        _state["exc"] = None
+        _state["raised"] = False
+        # From another thread, a moment later: called here, the main thread would run the handler
+        # at once, still inside the finaliser. Should the redelivered one land in a finaliser
+        # again, it comes back here and is redelivered again.
+        _thread.start_new_thread(_redeliver, ())
+        return
+    previous(hook_args)
+
+
+def _redeliver() -> None:
+    time.sleep(REDELIVER_AFTER_S)
+    _thread.interrupt_main(signal.SIGINT)
+
+
+def _install_unraisable_hook() -> None:
+    """Chain ``_unraisable`` in front of whatever hook is installed (once)."""
+    if getattr(sys.unraisablehook, "qwen2c_interrupts", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(hook_args):
+        _unraisable(hook_args, previous)
+
+    hook.qwen2c_interrupts = True
+    sys.unraisablehook = hook
 
 
 def install_cli_handler() -> None:
+    _install_unraisable_hook()
     signal.signal(signal.SIGINT, _handler)
 
 
@@ -86,6 +132,7 @@ def interrupt_guard():
     installed = threading.current_thread() is threading.main_thread()
     if installed:
         _state["raised"] = False
+        _install_unraisable_hook()
         previous = signal.signal(signal.SIGINT, _handler)
     _guards.append(guard)
     try:

@@ -268,3 +268,33 @@ def test_a_choice_within_the_noise_of_the_defaults_does_not_replace_them(tmp_pat
     _write_lines(tmp_path / "db", [json.dumps(r) for r in lines])
     best = database.Records.load([tmp_path / "db"], KEY["match"]).best(default["key"], default["structure"])
     assert best["params"] == default["params"] and best["speedup"] == 1.0
+
+
+def test_decode_kernels_are_timed_on_a_new_copy_of_their_weights_each_call(monkeypatch):
+    """A decode kernel's timed calls go round copies of every input but the activations (first) and
+    the output (last) that together hold twice the last-level cache, so no call finds its weights in
+    cache (as a decode step does not); the activations and the output are shared."""
+    from qwen2c.autotune import tuner
+
+    monkeypatch.setattr(tuner, "last_level_cache_bytes", lambda: 3 * 4096)  # 2x: 24 KiB of copies
+    arrays = [np.ones(4, np.float32), np.zeros((1024,), np.float32), np.zeros(8, np.float32)]  # 4 KiB weight
+    dev = tvm.cpu(0)
+    tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
+    seen = []
+    tuner._time_streamed(lambda x, w, out: seen.append((x, w, out)), arrays, tensors, dev)
+    weights = {id(w) for _, w, _ in seen}
+    assert len(weights) == 6  # 24 KiB / 4 KiB
+    assert len(seen) == 6 + max(tuner.COLD_REPEATS, 6)  # one warm-up pass, then the timed calls
+    assert all(x is tensors[0] and out is tensors[-1] for x, _, out in seen)
+    timed = [id(w) for _, w, _ in seen[6:]]
+    assert all(a != b for a, b in zip(timed, timed[1:]))  # never the same copy twice running
+
+
+def test_the_last_level_cache_is_the_largest_sysfs_gives_or_assumed_large(tmp_path):
+    from qwen2c.autotune import tuner
+
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index4", "bogus")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert tuner.last_level_cache_bytes(tmp_path) == 32 << 20
+    assert tuner.last_level_cache_bytes(tmp_path / "absent") == tuner.COLD_DEFAULT_CACHE

@@ -133,3 +133,50 @@ def test_a_concurrent_builds_staging_folder_is_left_alone(tmp_path, tiny_checkpo
         fcntl.flock(lock, fcntl.LOCK_EX)
         removed = remove_stale_staging(out)
     assert removed == [dead] and alive.exists() and not dead.exists()
+
+
+_FINALISER_INTERRUPT = '''
+import gc, os, signal, sys
+from qwen2c import interrupts
+
+interrupts.install_cli_handler()
+
+
+class Finalised:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        total = 0
+        for i in range(100000):  # bytecodes: the handler runs here, inside the finaliser
+            total += i
+
+
+def gc_callback(phase, info):
+    if phase == "start":
+        gc.callbacks.remove(gc_callback)
+        Finalised.__del__(None)
+
+
+try:
+    if sys.argv[1] == "__del__":
+        Finalised()
+    else:
+        gc.callbacks.append(gc_callback)
+        gc.collect()
+    for _ in range(10**8):
+        pass
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+'''
+
+
+@pytest.mark.parametrize("where", ["__del__", "gc callback"])
+def test_ctrl_c_inside_a_finaliser_is_raised_once_it_returns_not_printed_and_lost(where):
+    """Python drops (and prints, with a traceback) an exception raised in a ``__del__`` or a gc
+    callback; a Ctrl-C that lands there must still stop the program, cleanly. Seen in CI: a build's
+    Ctrl-C landed in a regex object's ``__del__``."""
+    proc = subprocess.run([sys.executable, "-c", _FINALISER_INTERRUPT, where], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "interrupted\n"
+    assert proc.stderr == ""
