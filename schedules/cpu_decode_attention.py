@@ -62,6 +62,7 @@ from tvm.script import tirx as T
 
 from .cpu_moe import lanes_for
 from .lanes import LANES, block_transpose, lane_reduce, lane_sum
+from .prefetch import prefetch
 
 DECODE = "batch_decode_paged_kv_cpu"
 DECODE_SLIDING = "batch_decode_paged_kv_cpu_sliding_window"
@@ -239,9 +240,7 @@ def decode_kernel(kv_heads: int, q_heads: int, head_dim: int, vector: int, page_
         """Row ``j`` of the next tile's keys (kv 0) or values (kv 1), into L1 (llvm.prefetch: read,
         locality 3, data)."""
         for line in range(LINES):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                          T.address_of(pages[pv[2], kv, kvh, pv[3] + j, line * PER_LINE]),
-                                          T.uint32(0), T.uint32(3), T.uint32(1)))
+            prefetch(pages, pv[2], kv, kvh, pv[3] + j, line * PER_LINE)
 
     @T.macro
     def attend_tile(b, tile, span, sv, md, acc, qs, pages, page_indptr, page_values, kt, vt, blk, tmp, pv):

@@ -82,24 +82,25 @@ def q_matmul_kernel(k: int, n: int, bits: int, group: int, vector: int, tile_row
         for task in T.parallel(TASKS):  # a run of column tiles each (cpu_matmul.task_split)
             acc = T.alloc_buffer((TI, TJ, V), "float32")
             w = T.alloc_buffer((TJ, V), "float32")
-            for t, io in T.grid(T.min(PER, NT - task * PER), (m + TI - T.int64(1)) // TI):
-                jo = task * PER + t
-                for ii in T.unroll(TI):
-                    for jj in T.unroll(TJ):
-                        for v in T.vectorized(V):
-                            acc[ii, jj, v] = T.float32(0)
-                for g in range(NG):
-                    if unrolled:
-                        for sub in T.unroll(SUB):
-                            group_step(A, q, s, acc, w, io, jo, g, sub, m)
-                    else:
-                        for sub in range(SUB):
-                            group_step(A, q, s, acc, w, io, jo, g, sub, m)
-                for ii in range(TI):
-                    if io * TI + ii < m:
-                        for jj in range(TJ):
-                            C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(
-                                dtype, buffer_lane_sum(acc, (ii, jj), v_lanes))
+            # The tile index a loop variable (an assigned one would be drawn from TVM's workspace pool).
+            for jo in range(task * PER, T.min(task * PER + PER, NT)):
+                for io in range((m + TI - T.int64(1)) // TI):
+                    for ii in T.unroll(TI):
+                        for jj in T.unroll(TJ):
+                            for v in T.vectorized(V):
+                                acc[ii, jj, v] = T.float32(0)
+                    for g in range(NG):
+                        if unrolled:
+                            for sub in T.unroll(SUB):
+                                group_step(A, q, s, acc, w, io, jo, g, sub, m)
+                        else:
+                            for sub in range(SUB):
+                                group_step(A, q, s, acc, w, io, jo, g, sub, m)
+                    for ii in range(TI):
+                        if io * TI + ii < m:
+                            for jj in range(TJ):
+                                C[T.int64(0), io * TI + ii, jo * TJ + jj] = T.Cast(
+                                    dtype, buffer_lane_sum(acc, (ii, jj), v_lanes))
 
     if as_macro:
         return body

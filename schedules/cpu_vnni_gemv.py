@@ -37,6 +37,7 @@ from tvm.script import tirx as T
 from .cpu_matmul import task_split
 from .dequantize import INT4_BLOCK, qdtype, stored_shapes
 from .lanes import lane_sum
+from .prefetch import prefetch_stream
 
 ACT_GROUP = 32  # activations per int8 scale: llama.cpp's Q8_0 block
 CHUNK_BYTES = 64  # one 512-bit load of weight bytes
@@ -45,11 +46,6 @@ TILE_COLS = 1  # outputs per tile (tunable). One: each task reads its run of row
 # measured with the weights in DRAM (as a decode step finds them), int4 896x151936 streamed at 49 GB/s with
 # one, 26 with four; int8 4864x896 at 49 vs 29 (two cores, 50 GB/s memory).
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-# Each 64-byte chunk step prefetches the line this far ahead in its row's stream. The hardware prefetcher
-# alone left the weights of a decode step's long rows waiting on DRAM: int4 4864x896 (rows of 2.4 KB),
-# weights cold, 2 threads, streamed at 36-40 GB/s without and 46-50 with (1.2-1.4x over four paired
-# runs on a noisy 2-core guest); 896x9728 gained 5-9%. 1 KB ahead was too close, 8 KB no better.
-PREFETCH_BYTES = 4096
 
 
 def chunk_inputs(bits: int) -> int:
@@ -134,12 +130,6 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
         loaded = s[row, T.ramp(c * PC, T.int64(1), per_chunk)] if per_chunk > 1 else s[row, c * PC]
         return _spread(T.Cast(f"float32x{per_chunk}" if per_chunk > 1 else "float32", loaded), per_chunk, lane_group)
 
-    def prefetch_ahead(q, at):
-        """Ask for the weight line PREFETCH_BYTES past flat byte ``at`` (clamped to the matrix)."""
-        ahead = T.min(at + T.int64(PREFETCH_BYTES), N * KQ - T.int64(1))
-        return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(q[ahead // KQ, ahead % KQ]),
-                                             T.uint32(0), T.uint32(3), T.uint32(1)))
-
     @T.prim_func(private=True)
     def vnni_gemv(A: T.Buffer((T.int64(1), T.int64(1), K), dtype), q: T.Buffer((N, KQ), qdtype(bits)),
                   s: T.Buffer((N, NG), "float16"), C: T.Buffer((T.int64(1), T.int64(1), N), dtype)):
@@ -180,8 +170,8 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
                 for jj in T.unroll(TJ):
                     acc[T.ramp(jj * L, T.int64(1), LANES)] = T.broadcast(T.float32(0), LANES)
                 for c in range(NC):
-                    for jj in T.unroll(TJ):
-                        prefetch_ahead(q, (tile * TJ + jj) * KQ + c * B)
+                    for jj in T.unroll(TJ):  # each row's stream, a line ahead per chunk (prefetch.py)
+                        prefetch_stream(q, N, KQ, (tile * TJ + jj) * KQ + c * B, 1)
                     for jj in T.unroll(TJ):
                         acc[T.ramp(jj * L, T.int64(1), LANES)] = acc[T.ramp(jj * L, T.int64(1), LANES)] + T.Cast(
                             "float32x16", chunk_dot(q, xq, negc, tile * TJ + jj, c)) * lane_scales(

@@ -30,12 +30,6 @@ def _parallel_bodies(func, target) -> list[str]:
     return bodies
 
 
-# Known: nt_matmul and q_matmul still name their tile `jo = task * PER + t`, and TVM 0.27 makes an
-# assigned scalar a buffer, allocated from the pool in every task. Rewriting it as a loop variable
-# changes the kernels' structure and so retires their shipped tuning records: due with their next
-# re-measurement. Strict: this fails the day it is fixed, so the mark comes off.
-_ASSIGNED_TILE = pytest.mark.xfail(strict=True, reason="the tile index is an assigned scalar (see above)")
-
 KERNELS = {
     "nt_matmul": lambda k, n: (cpu_matmul.nt_matmul_kernel(k, n, 16, 1, 4), AVX512),
     "q_matmul int4": lambda k, n: (cpu_qmatmul.q_matmul_kernel(k, n, 4, 32, 16, 1), AVX512),
@@ -43,10 +37,9 @@ KERNELS = {
     "vnni_gemv int4": lambda k, n: (cpu_vnni_gemv.vnni_gemv_kernel(k, n, 4, 32), VNNI),
     "vnni_gemv int8": lambda k, n: (cpu_vnni_gemv.vnni_gemv_kernel(k, n, 8, 32, tile_cols=8), VNNI),
 }
-MARKS = {name: [_ASSIGNED_TILE] for name in ("nt_matmul", "q_matmul int4", "q_matmul int8")}
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=MARKS.get(name, [])) for name in KERNELS])
+@pytest.mark.parametrize("name", list(KERNELS))
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_decode_kernels_allocate_no_workspace_per_task(name, shape):
     func, target = KERNELS[name](*shape)
