@@ -60,7 +60,10 @@ def _unraisable(hook_args, previous) -> None:
         # From another thread, a moment later: called here, the main thread would run the handler
         # at once, still inside the finaliser. Should the redelivered one land in a finaliser
         # again, it comes back here and is redelivered again.
-        _thread.start_new_thread(_redeliver, ())
+        try:
+            _thread.start_new_thread(_redeliver, ())
+        except RuntimeError:  # the interpreter is shutting down: there is nothing left to interrupt
+            pass
         return
     previous(hook_args)
 
