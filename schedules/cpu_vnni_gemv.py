@@ -171,7 +171,7 @@ def vnni_gemv_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float3
                     acc[T.ramp(jj * L, T.int64(1), LANES)] = T.broadcast(T.float32(0), LANES)
                 for c in range(NC):
                     for jj in T.unroll(TJ):  # each row's stream, a line ahead per chunk (prefetch.py)
-                        prefetch_stream(q, N, KQ, (tile * TJ + jj) * KQ + c * B, 1)
+                        prefetch_stream(q, N, KQ, (tile * TJ + jj) * KQ + c * B)
                     for jj in T.unroll(TJ):
                         acc[T.ramp(jj * L, T.int64(1), LANES)] = acc[T.ramp(jj * L, T.int64(1), LANES)] + T.Cast(
                             "float32x16", chunk_dot(q, xq, negc, tile * TJ + jj, c)) * lane_scales(

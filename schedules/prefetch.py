@@ -22,8 +22,8 @@ def prefetch(buffer, *index):
                                          T.uint32(0), T.uint32(3), T.uint32(1)))
 
 
-def prefetch_stream(buffer, rows, cols, at, itemsize: int):
-    """Prefetch the line ``STREAM_AHEAD_BYTES`` past flat element ``at`` of a row-major [rows, cols]
-    ``buffer``, clamped to its last element (the address stays inside the buffer)."""
-    ahead = T.min(at + T.int64(STREAM_AHEAD_BYTES // itemsize), rows * cols - T.int64(1))
+def prefetch_stream(buffer, rows, cols, at):
+    """Prefetch the line ``STREAM_AHEAD_BYTES`` past flat byte ``at`` of a row-major [rows, cols]
+    byte buffer (packed weights), clamped to its last byte (the address stays inside the buffer)."""
+    ahead = T.min(at + T.int64(STREAM_AHEAD_BYTES), rows * cols - T.int64(1))
     return prefetch(buffer, ahead // cols, ahead % cols)
